@@ -1,0 +1,1 @@
+"""captioner: CNN features -> LSTM initial state -> caption text."""

@@ -1,0 +1,127 @@
+"""The Python API: ``Captioner.from_pretrained(...).caption(images)``.
+
+This is the one place where the steps meet — image -> pixels -> features -> tokens -> text — and the
+batch command, the evaluation command and the Gradio app all go through it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_prep.features import ImageFiles, collate_images
+from data_prep.tokenizer import detokenize
+from data_prep.vocab import Vocab
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ModelConfig
+from .decoding import DecodeConfig, Hypothesis, decode
+from .encoder import Encoder
+from .images import ImageSource, load_image
+from .model import CaptionDecoder
+from .runtime import autocast, resolve_device, resolve_precision
+
+BUNDLED = "flickr8k-mobilenet_v2-lstm"
+REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def default_checkpoint() -> Path:
+    """``$CAPTIONER_CHECKPOINT`` if set, else the bundled model in the repository's ``checkpoints/``."""
+    return Path(os.environ.get("CAPTIONER_CHECKPOINT", REPO_CHECKPOINTS / BUNDLED))
+
+
+@dataclass
+class ImageResult:
+    """Captions of one image, best first; ``error`` is set instead when the image was unusable."""
+
+    source: str
+    nbest: list[dict]
+    error: str | None = None
+
+    @property
+    def caption(self) -> str | None:
+        return self.nbest[0]["caption"] if self.nbest else None
+
+
+class Captioner:
+    """A loaded model: encoder + decoder + vocabulary + preprocessing, on one device."""
+
+    def __init__(self, encoder: Encoder, decoder: CaptionDecoder, vocab: Vocab, config: ModelConfig,
+                 device: str = "auto", precision: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.encoder = encoder.to(self.device).eval()
+        self.decoder = decoder.to(self.device).eval()
+        self.vocab, self.config = vocab, config
+        self.preprocess = config.encoder.preprocess
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "auto",
+                        precision: str = "auto") -> "Captioner":
+        """Load a checkpoint directory (a run's ``best/``, or the bundled model when ``path`` is None)."""
+        loaded = load_checkpoint(default_checkpoint() if path is None else Path(path))
+        decoder = CaptionDecoder(loaded.config)
+        try:
+            decoder.load_state_dict(loaded.decoder_state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{loaded.directory}/model.safetensors: decoder tensors do not match "
+                                  f"config.json: {str(err)[:300]}") from None
+        return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision)
+
+    def decode_config(self, **options) -> DecodeConfig:
+        """Decoding options with this model's caption length as the default ``max_len``."""
+        return DecodeConfig(**{"max_len": self.config.max_len, **options})
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed pixels -> (B, D) float32 features."""
+        with autocast(self.precision, self.device):
+            return self.encoder(pixels.to(self.device, non_blocking=True)).float()
+
+    @torch.inference_mode()
+    def generate(self, features: torch.Tensor, config: DecodeConfig) -> list[list[dict]]:
+        """(B, D) features -> per image, the n-best as ``{"caption", "tokens", "logprob", "score"}``."""
+        with autocast(self.precision, self.device):
+            hyps = decode(self.decoder, features.to(self.device), config, self.vocab.start_id, self.vocab.end_id,
+                          self.vocab.pad_id, self.vocab.unk_id)
+        return [[self._describe(h) for h in per_image] for per_image in hyps]
+
+    def _describe(self, h: Hypothesis) -> dict:
+        words = self.vocab.decode(h.tokens)
+        return {"caption": detokenize(words), "tokens": words, "logprob": round(h.logprob, 4), "score": round(h.score, 4)}
+
+    def caption(self, images: ImageSource | Sequence[ImageSource], **options):
+        """Caption one image or a list of them (paths, PIL images, numpy arrays).
+
+        Per image the result is the caption string when ``num_return`` is 1, else the n-best list of
+        ``{"caption", "logprob", "score", "tokens"}`` dicts. A single image gives that result, a list
+        gives a list of them. An unusable image raises ``ImageLoadError`` naming it.
+        """
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        config = self.decode_config(**options)
+        pixels = torch.stack([self.preprocess(load_image(src)) for src in batch])
+        nbest = self.generate(self.encode(pixels), config)
+        results = [n[0]["caption"] if config.num_return == 1 else n for n in nbest]
+        return results[0] if single else results
+
+    def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32,
+               workers: int = 2) -> Iterator[ImageResult]:
+        """Caption image files in batches, decoding JPEGs in worker processes while the model runs.
+
+        Unusable files come back as results with ``error`` set; the rest of the batch goes on.
+        """
+        loader = DataLoader(ImageFiles(list(paths), self.preprocess), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate_images, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False, prefetch_factor=4 if workers else None)
+        for idx, pixels, errors in loader:
+            results: dict[int, ImageResult] = {i: ImageResult(str(paths[i]), [], err) for i, err in errors}
+            if pixels is not None:
+                for i, nbest in zip(idx, self.generate(self.encode(pixels), config)):
+                    results[i] = ImageResult(str(paths[i]), nbest)
+            yield from (results[i] for i in sorted(results))

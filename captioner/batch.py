@@ -1,0 +1,177 @@
+"""``captioner caption``: many image files -> JSONL / CSV / COCO results, resumable, errors per file."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tqdm import tqdm
+
+from data_prep.manifest import load_manifest
+
+from .api import Captioner, ImageResult
+from .decoding import DecodeConfig
+from .images import IMAGE_EXTENSIONS
+
+FORMATS = ("jsonl", "csv", "coco")
+CSV_FIELDS = ("path", "caption", "score", "logprob", "error")
+
+
+@dataclass
+class Inputs:
+    """Expanded inputs: image files to caption, and arguments that matched nothing."""
+
+    files: list[str]
+    missing: list[str]
+    ignored: int  # files in folders without an image extension
+
+
+def expand_inputs(items: Iterable[str]) -> Inputs:
+    """Files as given; folders recursively (image extensions only); glob patterns expanded."""
+    files, missing, ignored = [], [], 0
+    for item in items:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            missing.append(item)
+            continue
+        for m in matches:
+            if os.path.isdir(m):
+                for root, dirs, names in os.walk(m):
+                    dirs.sort()
+                    for name in sorted(names):
+                        path = os.path.join(root, name)
+                        if name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path):
+                            files.append(path)
+                        else:
+                            ignored += 1
+            else:
+                files.append(m)
+    seen: set[str] = set()
+    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored)
+
+
+def infer_format(out: Path | None, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    if out is not None and out.suffix == ".csv":
+        return "csv"
+    if out is not None and out.suffix == ".json":
+        return "coco"
+    return "jsonl"
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Whole lines of an output file; a half-written last line (killed mid-write) is cut off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return data[:end].decode("utf-8").splitlines()
+
+
+def _record(result: ImageResult, image_id: int | None) -> dict:
+    if result.error:
+        return {"path": result.source, "error": result.error}
+    best = result.nbest[0]
+    record = {"path": result.source, "caption": best["caption"], "score": best["score"], "logprob": best["logprob"],
+              "nbest": [{k: h[k] for k in ("caption", "score", "logprob")} for h in result.nbest]}
+    if image_id is not None:
+        record["image_id"] = image_id
+    return record
+
+
+class Sink:
+    """Appends one finished record at a time (one write + flush per line) and knows what is done."""
+
+    def __init__(self, path: Path | None, fmt: str, resume: bool) -> None:
+        self.fmt, self.path = fmt, path
+        self.stream_path = path if fmt != "coco" or path is None else path.with_name(path.name + ".partial.jsonl")
+        self.done: dict[str, dict] = {}
+        if self.stream_path is not None and self.stream_path.exists():
+            if not resume:
+                self.stream_path.unlink()
+            else:
+                for line in _complete_lines(self.stream_path):
+                    rec = self._parse(line)
+                    if rec is not None:
+                        self.done[rec["path"]] = rec
+        if self.stream_path is None:
+            self.handle = None
+        else:
+            self.stream_path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.stream_path.exists() or self.stream_path.stat().st_size == 0
+            self.handle = open(self.stream_path, "a", encoding="utf-8", newline="")
+            if fmt == "csv" and new:
+                self.handle.write(",".join(CSV_FIELDS) + "\r\n")
+                self.handle.flush()
+
+    def _parse(self, line: str) -> dict | None:
+        if self.fmt == "csv":
+            row = next(csv.reader([line]))
+            if row == list(CSV_FIELDS) or len(row) != len(CSV_FIELDS):
+                return None
+            rec = dict(zip(CSV_FIELDS, row))
+            return {k: v for k, v in rec.items() if v != ""}
+        return json.loads(line)
+
+    def write(self, record: dict) -> None:
+        self.done[record["path"]] = record
+        if self.fmt == "csv":
+            buf = io.StringIO()
+            csv.writer(buf).writerow([record.get(k, "") for k in CSV_FIELDS])
+            line = buf.getvalue()
+        else:
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+        if self.handle is None:
+            print(line, end="", flush=True)
+        else:
+            self.handle.write(line)
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        if self.fmt == "coco" and self.path is not None:
+            results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in self.done.values() if "error" not in r]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+            os.replace(tmp, self.path)
+
+
+def image_ids(paths: list[str], data_dir: Path | None) -> dict[str, int]:
+    """COCO image ids: from the manifest when given, else from all-digit file names (COCO's own naming)."""
+    if data_dir is not None:
+        by_path = {os.path.realpath(r.path): r.id for r in load_manifest(data_dir)}
+        return {p: by_path[os.path.realpath(p)] for p in paths if os.path.realpath(p) in by_path}
+    return {p: int(Path(p).stem) for p in paths if Path(p).stem.isdigit()}
+
+
+def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, out: Path | None, fmt: str,
+                  resume: bool = False, data_dir: Path | None = None, batch_size: int = 32, workers: int = 2) -> dict:
+    """Caption every input not already in the output; return a summary with counts and failures."""
+    sink = Sink(out, fmt, resume)
+    ids = image_ids(inputs.files, data_dir) if fmt == "coco" else {}
+    todo = [p for p in inputs.files if p not in sink.done]
+    failures = [{"path": m, "error": "no such file or folder (or the pattern matched nothing)"} for m in inputs.missing]
+    bar = tqdm(total=len(todo), desc="captioning", unit="img", mininterval=1, disable=out is None)
+    try:
+        for result in captioner.stream(todo, config, batch_size, workers):
+            if result.error is None and fmt == "coco" and result.source not in ids:
+                result = ImageResult(result.source, [], "no image id (give --data DATA_DIR, or use COCO's numeric file names)")
+            sink.write(_record(result, ids.get(result.source)))
+            bar.update(1)
+    finally:
+        bar.close()
+        sink.close()
+    failures += [{"path": r["path"], "error": r["error"]} for r in sink.done.values() if "error" in r]
+    return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
+            "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored}

@@ -1,0 +1,155 @@
+"""Checkpoint directories: ``model.safetensors`` + ``config.json`` + ``vocab.json`` (+ trainer state).
+
+Why this format: safetensors and JSON are data, never code, so loading a checkpoint from anyone
+cannot execute anything (no pickle). Why the symlink: a checkpoint is written into a fresh
+versioned directory and then published by atomically replacing the ``NAME`` symlink, so a kill at
+any moment leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data_prep.vocab import Vocab, VocabError
+
+from .config import ModelConfig
+from .encoder import Encoder, build_encoder, EncoderConfig
+
+MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
+STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+FORMAT = "captioner-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class Loaded:
+    config: ModelConfig
+    vocab: Vocab
+    decoder_state: dict[str, torch.Tensor]
+    encoder: Encoder
+    directory: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(target: Path, config: ModelConfig, vocab: Vocab, decoder: nn.Module, encoder: Encoder | None,
+                    trainer_tensors: dict[str, torch.Tensor] | None = None, trainer_json: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write a checkpoint and atomically point ``target`` (a symlink) at it; return the real directory."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    version = 0
+    while (target.parent / f".{target.name}.v{version}").exists():
+        version += 1
+    real = target.parent / f".{target.name}.v{version}"
+    work = target.parent / f".{target.name}.v{version}.partial"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    tensors = {f"decoder.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in decoder.state_dict().items()}
+    if encoder is not None:
+        tensors |= {f"encoder.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                    for k, v in encoder.state_dict().items()}
+    save_file(tensors, str(work / MODEL), metadata={"format": FORMAT})
+    (work / CONFIG).write_text(json.dumps({"format": FORMAT, **config.to_json()}, indent=1))
+    vocab.save(work / VOCAB)
+    if trainer_tensors is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainer_tensors.items()}, str(work / STATE_TENSORS))
+        (work / STATE_JSON).write_text(json.dumps(trainer_json or {}, indent=1))
+    for f in work.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.rename(work, real)
+    link = target.parent / f".{target.name}.link"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(real.name)
+    if target.exists() and not target.is_symlink():
+        shutil.rmtree(target)  # a plain directory from elsewhere: replaced by the link
+    os.replace(link, target)
+    _fsync_dir(target.parent)
+    for old in target.parent.glob(f".{target.name}.v*"):
+        if old.resolve() != real.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    return real
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint needs {MODEL}, {CONFIG} and {VOCAB})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (a pickle, a truncated file) is a clear error."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({err}); "
+                              "captioner never unpickles checkpoint files") from None
+
+
+def load_checkpoint(directory: str | Path) -> Loaded:
+    """Config, vocabulary, decoder tensors and a ready encoder from a checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    raw = _read_json(directory / CONFIG)
+    raw.pop("format", None)
+    try:
+        config = ModelConfig.from_json(raw)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory / CONFIG}: invalid config ({err})") from None
+    try:
+        vocab = Vocab.load(directory / VOCAB)
+    except VocabError as err:
+        raise CheckpointError(str(err)) from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{directory}: config.json says vocab_size {config.vocab_size} but vocab.json has "
+                              f"{len(vocab)} words: the files come from different models")
+    tensors = read_tensors(directory / MODEL)
+    decoder_state = {k.removeprefix("decoder."): v.float() for k, v in tensors.items() if k.startswith("decoder.")}
+    encoder_state = {k.removeprefix("encoder."): v.float() if v.is_floating_point() else v
+                     for k, v in tensors.items() if k.startswith("encoder.")}
+    if encoder_state:
+        encoder, _ = build_encoder(EncoderConfig(config.encoder.name, "none", config.encoder.image_size))
+        try:
+            encoder.load_state_dict(encoder_state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{directory / MODEL}: encoder tensors do not fit {config.encoder.name}: "
+                                  f"{str(err)[:300]}") from None
+    else:
+        encoder, _ = build_encoder(config.encoder)
+    return Loaded(config, vocab, decoder_state, encoder.eval(), directory)
+
+
+def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer/RNG tensors and the JSON state saved for ``--resume``."""
+    return read_tensors(directory / STATE_TENSORS), _read_json(directory / STATE_JSON)

@@ -1,0 +1,252 @@
+"""``captioner`` command line: prepare, features, train, caption, evaluate, gradflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="caption files -> manifest, vocabulary, report")
+    p.add_argument("format", choices=["coco", "karpathy", "flickr8k"])
+    p.add_argument("captions", nargs="+", type=Path,
+                   help="coco: annotation JSON file(s); karpathy: dataset_*.json; flickr8k: Flickr8k.token.txt")
+    p.add_argument("--images", nargs="+", type=Path, required=True, help="image folder(s)")
+    p.add_argument("--out", type=Path, required=True, help="data directory to write")
+    p.add_argument("--min-count", type=int, default=5, help="minimum training count for a vocabulary word")
+    p.add_argument("--max-len", type=int, default=30, help="captions longer than this (tokens) are truncated in training")
+    p.add_argument("--split-names", nargs="+", help="coco: split of each annotation file (default train val test)")
+    p.add_argument("--val-size", type=int, default=0, help="coco: images cut from the first file into 'val'")
+    p.add_argument("--test-size", type=int, default=0, help="coco: images cut from the first file into 'test'")
+    p.add_argument("--seed", type=int, default=0, help="coco: seed of the val/test cut")
+    p.add_argument("--split-file", action="append", default=[], metavar="SPLIT=PATH",
+                   help="flickr8k: split list (default: Flickr_8k.{train,dev,test}Images.txt beside the token file)")
+    p.add_argument("--strict", action="store_true", help="fail on a bad image instead of skipping it")
+
+
+def cmd_prepare(args) -> int:
+    from data_prep.prepare import PrepareConfig, prepare
+    from data_prep.readers import read_coco, read_flickr8k, read_karpathy
+
+    skips: list[dict] = []
+    if args.format == "coco":
+        records = read_coco(args.captions, args.images, args.split_names, args.val_size, args.test_size, args.seed)
+    elif args.format == "karpathy":
+        records = read_karpathy(args.captions[0], args.images[0])
+    else:
+        token = args.captions[0]
+        splits = {"train": token.parent / "Flickr_8k.trainImages.txt", "val": token.parent / "Flickr_8k.devImages.txt",
+                  "test": token.parent / "Flickr_8k.testImages.txt"}
+        for item in args.split_file:
+            name, _, path = item.partition("=")
+            splits[name] = Path(path)
+        records, skips = read_flickr8k(token, splits, args.images[0])
+    config = PrepareConfig(min_count=args.min_count, max_len=args.max_len, strict=args.strict)
+    report = prepare(records, args.out, f"{args.format}:{','.join(map(str, args.captions))}", config, skips)
+    print(f"images per split: {report['images']}; captions: {report['captions']}")
+    print(f"vocabulary: {report['vocab_size']} words (min count {args.min_count}); "
+          f"{report['unk']['distinct_words']} rare words -> <unk>; skipped {report['skipped_count']} item(s)")
+    print(f"wrote {args.out}/manifest.json, vocab.json, prepare_report.json")
+    return 0
+
+
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", help="encode every image once into the feature cache")
+    p.add_argument("data_dir", type=Path)
+    _add_encoder_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--device", default="auto")
+
+
+def _add_encoder_args(p) -> None:
+    p.add_argument("--encoder", default="resnet50", help="torchvision model name (resnet50, mobilenet_v2, ...)")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a local .pth file, or none")
+    p.add_argument("--image-size", type=int, default=224)
+
+
+def _encoder_config(args):
+    from captioner.encoder import EncoderConfig
+    return EncoderConfig(name=args.encoder, weights=args.weights, image_size=args.image_size)
+
+
+def cmd_features(args) -> int:
+    from data_prep.features import build_features
+    build_features(args.data_dir, _encoder_config(args), args.batch_size, args.device, args.workers)
+    return 0
+
+
+def _add_train(sub) -> None:
+    from captioner.config import CELLS
+    from captioner.train import TrainConfig
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train the decoder (teacher forcing, clipped gradients); torchrun for DDP")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="run directory (best/, last/, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    _add_encoder_args(p)
+    p.add_argument("--cell", choices=CELLS, default="lstm")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--embed", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--feed-image", action="store_true", help="also feed the image as the first input step")
+    p.add_argument("--max-len", type=int, help="caption length cap (default: the prepare report's)")
+    for name, value in vars(d).items():
+        if name in ("device",):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+    import json
+    from captioner.config import ModelConfig
+    from captioner.train import TrainConfig, Trainer
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    model = None
+    if not args.resume:
+        max_len = args.max_len
+        if max_len is None:
+            report = args.data_dir / "prepare_report.json"
+            max_len = json.loads(report.read_text()).get("max_len", 30) if report.is_file() else 30
+        model = ModelConfig(vocab_size=5, cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
+                            dropout=args.dropout, feed_image=args.feed_image, max_len=max_len)
+    trainer = Trainer(args.data_dir, args.out, model, _encoder_config(args), config, resume=args.resume)
+    result = trainer.fit()
+    if trainer.rank == 0:
+        print(f"done: {result}; best checkpoint: {args.out / 'best'}")
+    return 0
+
+
+def _add_decode_args(p) -> None:
+    from captioner.decoding import STRATEGIES, DecodeConfig
+    d = DecodeConfig()
+    p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    p.add_argument("--beam-size", type=int, default=d.beam_size)
+    p.add_argument("--length-penalty", type=float, default=d.length_penalty, help="alpha in logprob / len**alpha")
+    p.add_argument("--num-return", type=int, default=1, help="n-best captions per image")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram)
+    p.add_argument("--max-len", type=int, help="longest caption (default: the model's)")
+    p.add_argument("--allow-unk", action="store_true", help="let <unk> appear in captions")
+    p.add_argument("--seed", type=int, help="seed for --strategy sample")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+
+
+def _decode_config(args, captioner):
+    options = dict(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
+                   num_return=args.num_return, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   no_repeat_ngram=args.no_repeat_ngram, suppress_unk=not args.allow_unk, seed=args.seed)
+    if args.max_len:
+        options["max_len"] = args.max_len
+    return captioner.decode_config(**options)
+
+
+def _add_caption(sub) -> None:
+    from captioner.batch import FORMATS
+    p = sub.add_parser("caption", help="caption image files, folders and globs")
+    p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("-o", "--output", type=Path, help="output file (default: JSONL on stdout)")
+    p.add_argument("--format", choices=FORMATS, help="jsonl, csv or coco (default: from the -o suffix)")
+    p.add_argument("--data", type=Path, help="data directory whose manifest gives COCO image ids")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its output file")
+    _add_decode_args(p)
+
+
+def cmd_caption(args) -> int:
+    from captioner.api import Captioner
+    from captioner.batch import caption_files, expand_inputs, infer_format
+    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    config = _decode_config(args, captioner)
+    fmt = infer_format(args.output, args.format)
+    if fmt == "coco" and args.output is None:
+        raise ValueError("--format coco needs -o FILE.json")
+    summary = caption_files(captioner, expand_inputs(args.images), config, args.output, fmt, args.resume,
+                            args.data, args.batch_size, args.workers)
+    for failure in summary["failed"]:
+        print(f"error: {failure['path']}: {failure['error']}", file=sys.stderr)
+    print(f"captioned {summary['captioned']} of {summary['images']} image(s)"
+          + (f" ({summary['resumed']} from a previous run)" if summary["resumed"] else "") + "; "
+          f"{len(summary['failed'])} failed" + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="BLEU-1..4, CIDEr-D, ROUGE-L on a split")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--results", type=Path, help="score this COCO results JSON instead of decoding")
+    p.add_argument("-o", "--output", type=Path, help="write metrics.json here")
+    p.add_argument("--per-image", type=Path, help="write each image's caption and references here")
+    _add_decode_args(p)
+
+
+def cmd_evaluate(args) -> int:
+    import json
+    from captioner.api import Captioner, default_checkpoint
+    from captioner.evaluate import evaluate, format_table
+    captioner = config = checkpoint = None
+    if args.results is None:
+        checkpoint = str(args.checkpoint or default_checkpoint())
+        captioner = Captioner.from_pretrained(checkpoint, device=args.device)
+        config = _decode_config(args, captioner)
+    summary = evaluate(args.data_dir, args.split, captioner, config, args.results, args.per_image, checkpoint,
+                       args.batch_size, args.workers)
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{summary['images']} images of split {args.split!r}" + (f", {config.strategy}" if config else ""))
+    print(format_table(summary))
+    if args.output:
+        args.output.write_text(json.dumps(summary, indent=1))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _add_gradflow(sub) -> None:
+    from captioner.gradflow import add_parser
+    add_parser(sub)
+
+
+def _cmd_gradflow(args) -> int:
+    from captioner.gradflow import cmd_gradflow
+    return cmd_gradflow(args)
+
+
+COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
+            "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
+            "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, _cmd_gradflow)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from captioner.errors import USER_ERRORS
+    try:
+        return COMMANDS[args.command][1](args)
+    except USER_ERRORS as err:
+        print(f"captioner {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Step 4 of the data flow: image features -> token sequences. One implementation for app, CLI, evaluation.
+
+Every strategy runs batched: all images (and, for beam search, all their beams) advance together as
+one (N, ...) tensor on the model's device; finished hypotheses are masked (they may only emit
+``<pad>`` at zero cost) and the loop stops as soon as every hypothesis has finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .model import CaptionDecoder, State
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding options; ``asdict`` of this is recorded next to every evaluation."""
+
+    strategy: str = "greedy"
+    max_len: int = 30
+    beam_size: int = 3
+    length_penalty: float = 0.0  # alpha in logprob / len**alpha (0: raw log-probability)
+    num_return: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    no_repeat_ngram: int = 0  # 0: off; n: never repeat an n-gram within one caption
+    suppress_unk: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.max_len < 1 or self.beam_size < 1 or self.num_return < 1:
+            raise ValueError("max_len, beam_size and num_return must be >= 1")
+        if self.strategy == "beam" and self.num_return > self.beam_size:
+            raise ValueError(f"num_return ({self.num_return}) cannot exceed beam_size ({self.beam_size})")
+        if self.strategy == "greedy" and self.num_return != 1:
+            raise ValueError("greedy decoding returns one caption; use beam or sample for several")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.no_repeat_ngram < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram >= 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Hypothesis:
+    """One caption: token ids (no <start>/<end>), total log-probability, and the ranking score."""
+
+    tokens: list[int]
+    logprob: float
+    score: float
+
+
+def _penalised(logprob: torch.Tensor, length: torch.Tensor, alpha: float) -> torch.Tensor:
+    return logprob / length.clamp(min=1).float() ** alpha
+
+
+def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: tuple[int, int, int]) -> torch.Tensor:
+    """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, tokens completing a seen n-gram."""
+    pad_id, start_id, unk_id = specials
+    logp[:, [pad_id, start_id]] = float("-inf")
+    if config.suppress_unk:
+        logp[:, unk_id] = float("-inf")
+    n = config.no_repeat_ngram
+    if n and history.shape[1] >= n:
+        windows = history.unfold(1, n, 1)  # (N, W, n)
+        prefix = history[:, history.shape[1] - n + 1:]  # (N, n-1)
+        match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, W)
+        hits = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype))
+        logp = logp.masked_fill(hits > 0, float("-inf"))
+    return logp
+
+
+def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    logits, state = decoder.step(tokens, state)
+    return torch.log_softmax(logits.float(), dim=-1), state  # (N, V)
+
+
+def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Finished rows may only continue with <pad>, at no cost."""
+    if finished.any():
+        logp = logp.masked_fill(finished[:, None], float("-inf"))
+        logp[finished, pad_id] = 0.0
+    return logp
+
+
+@torch.no_grad()
+def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int = 1,
+           end_id: int = 2, pad_id: int = 0, unk_id: int = 3) -> list[list[Hypothesis]]:
+    """(B, D) features -> for each image, ``num_return`` hypotheses best first."""
+    if config.strategy == "beam":
+        return _beam(decoder, features, config, start_id, end_id, pad_id, unk_id)
+    return _sample(decoder, features, config, start_id, end_id, pad_id, unk_id)
+
+
+def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor, end_id: int,
+            pad_id: int) -> list[Hypothesis]:
+    out = []
+    for row, lp, sc in zip(tokens.tolist(), logprob.tolist(), score.tolist()):
+        words = []
+        for t in row:
+            if t in (end_id, pad_id):
+                break
+            words.append(t)
+        out.append(Hypothesis(words, lp, sc))
+    return out
+
+
+def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int, end_id: int,
+            pad_id: int, unk_id: int) -> list[list[Hypothesis]]:
+    """Greedy (argmax) or ancestral sampling; ``num_return`` independent samples per image."""
+    b, r = features.shape[0], config.num_return
+    device = features.device
+    feats = features.repeat_interleave(r, dim=0)  # (B*r, D)
+    state = decoder.init_state(feats)
+    n = feats.shape[0]
+    prev = torch.full((n,), start_id, dtype=torch.long, device=device)
+    history = torch.empty((n, 0), dtype=torch.long, device=device)
+    logprob = torch.zeros(n, device=device)
+    length = torch.zeros(n, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    generator = None
+    if config.strategy == "sample" and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    for _ in range(config.max_len):
+        logp, state = _step(decoder, prev, state)
+        logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
+        if config.strategy == "greedy":
+            nxt = logp.argmax(-1)
+        else:
+            nxt = _draw(logp, config, generator)
+        logprob += logp.gather(1, nxt[:, None])[:, 0]
+        length += (~finished).long()
+        finished |= nxt == end_id
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        prev = nxt
+        if finished.all():
+            break
+    score = _penalised(logprob, length, config.length_penalty)
+    hyps = _finish(history, logprob, score, end_id, pad_id)
+    groups = [hyps[i * r:(i + 1) * r] for i in range(b)]
+    return [sorted(g, key=lambda h: -h.score) for g in groups]
+
+
+def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per row after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logp / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= config.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int, end_id: int,
+          pad_id: int, unk_id: int) -> list[list[Hypothesis]]:
+    """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step."""
+    b, k, alpha = features.shape[0], config.beam_size, config.length_penalty
+    device = features.device
+    state = decoder.init_state(features.repeat_interleave(k, dim=0))  # each (L, B*k, H)
+    n = b * k
+    prev = torch.full((n,), start_id, dtype=torch.long, device=device)
+    history = torch.empty((n, 0), dtype=torch.long, device=device)
+    logprob = torch.zeros(b, k, device=device)
+    logprob[:, 1:] = float("-inf")  # all beams start identical: keep one alive
+    length = torch.zeros(n, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    base = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
+    for _ in range(config.max_len):
+        logp, state = _step(decoder, prev, state)  # (B*k, V)
+        logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
+        v = logp.shape[-1]
+        cand = logprob[:, :, None] + logp.view(b, k, v)  # (B, k, V)
+        cand_len = (length + (~finished).long()).view(b, k, 1).expand(b, k, v)
+        ranked = _penalised(cand, cand_len, alpha).view(b, k * v)
+        top = ranked.topk(k, dim=-1).indices  # (B, k)
+        beam_idx, token = top // v, top % v
+        rows = (base + beam_idx).view(-1)  # (B*k,) source hypothesis of each new beam
+        logprob = cand.view(b, k * v).gather(1, top)
+        length = cand_len.reshape(b, k * v).gather(1, top).view(-1)
+        token = token.view(-1)
+        finished = finished[rows] | (token == end_id)
+        history = torch.cat([history[rows], token[:, None]], dim=1)
+        state = tuple(s.index_select(1, rows) for s in state)
+        prev = token
+        if finished.all():
+            break
+    flat_lp = logprob.view(-1)
+    score = _penalised(flat_lp, length, alpha)
+    hyps = _finish(history, flat_lp, score, end_id, pad_id)
+    out = []
+    for i in range(b):
+        group = [h for h in hyps[i * k:(i + 1) * k] if h.logprob > float("-inf")]
+        out.append(sorted(group, key=lambda h: -h.score)[: config.num_return])
+    return out

@@ -1,0 +1,107 @@
+"""``captioner evaluate``: caption a split (or read a COCO results file) and score it like the papers.
+
+Hypotheses and references go through the project's one tokenizer; the metrics are corpus BLEU-1..4
+against all references, CIDEr-D and ROUGE-L with pycocoevalcap's key names and scale.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.captions import references
+from data_prep.manifest import DatasetError, Record, load_manifest, split_records, write_json_atomic
+from data_prep.tokenizer import tokenize
+
+from .api import Captioner
+from .decoding import DecodeConfig
+from .metrics import score_all
+
+
+def read_results(path: Path, records: list[Record]) -> tuple[dict[int, str], list[str]]:
+    """A COCO results file checked against the split: unknown or duplicate ids and missing images are
+    errors (they would silently change the score); empty captions are warnings and score zero."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: results file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not a JSON results file ({err})") from None
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of {{'image_id', 'caption'}} objects")
+    split_ids = {r.id for r in records}
+    captions: dict[int, str] = {}
+    warnings = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or not isinstance(item.get("image_id"), int) or not isinstance(item.get("caption"), str):
+            raise DatasetError(f"{path}: entry {i} is not {{'image_id': int, 'caption': str}}: {str(item)[:80]}")
+        image_id = item["image_id"]
+        if image_id not in split_ids:
+            raise DatasetError(f"{path}: entry {i} has image_id {image_id}, which is not in this split")
+        if image_id in captions:
+            raise DatasetError(f"{path}: image_id {image_id} appears more than once")
+        if not tokenize(item["caption"]):
+            warnings.append(f"image_id {image_id}: empty caption (scored as empty)")
+        captions[image_id] = item["caption"]
+    missing = sorted(split_ids - set(captions))
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} of the split's {len(split_ids)} images have no caption "
+                           f"(e.g. image_id {missing[:5]}); scoring a subset would not be comparable")
+    return captions, warnings
+
+
+def caption_split(captioner: Captioner, records: list[Record], config: DecodeConfig, batch_size: int = 32,
+                  workers: int = 2) -> dict[int, str]:
+    """Caption every image of the split with the shared batched decoding; a failing image is an error."""
+    out: dict[int, str] = {}
+    bar = tqdm(total=len(records), desc="captioning", unit="img", mininterval=2)
+    for record, result in zip(records, captioner.stream([r.path for r in records], config, batch_size, workers)):
+        if result.error:
+            raise DatasetError(f"cannot caption image id {record.id}: {result.error}")
+        out[record.id] = result.caption
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def score(records: list[Record], captions: dict[int, str]) -> dict[str, float]:
+    """Tokenise hypotheses and references the same way and compute every metric."""
+    refs = references(records)
+    hyps = {r.id: tokenize(captions[r.id]) for r in records}
+    return score_all(refs, hyps)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Paper-style table: BLEU and ROUGE-L x100, CIDEr-D x100 (as papers print it)."""
+    keys = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "ROUGE_L"]
+    names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L"]
+    head = " | ".join(f"{n:>7}" for n in names)
+    row = " | ".join(f"{metrics[k] * 100:7.1f}" for k in keys)
+    return f"{head}\n{row}"
+
+
+def evaluate(data_dir: Path, split: str, captioner: Captioner | None = None, config: DecodeConfig | None = None,
+             results: Path | None = None, per_image: Path | None = None, checkpoint: str | None = None,
+             batch_size: int = 32, workers: int = 2) -> dict:
+    """Metrics dict (pycocoevalcap keys, 0-1 BLEU) plus counts, decoding settings and provenance."""
+    records = split_records(load_manifest(data_dir), split)
+    warnings: list[str] = []
+    if results is not None:
+        captions, warnings = read_results(results, records)
+    else:
+        captions = caption_split(captioner, records, config, batch_size, workers)
+    metrics = score(records, captions)
+    lengths = [len(tokenize(c)) for c in captions.values()]
+    summary = {**metrics, "images": len(records), "split": split, "data_dir": str(data_dir),
+               "checkpoint": checkpoint, "results": str(results) if results else None,
+               "decoding": config.to_json() if config else None, "warnings": warnings,
+               "mean_caption_length": sum(lengths) / max(1, len(lengths)),
+               "distinct_captions": len(set(captions.values())),
+               "vocabulary_used": len(Counter(t for c in captions.values() for t in tokenize(c)))}
+    if per_image is not None:
+        write_json_atomic(Path(per_image), [{"image_id": r.id, "path": r.path, "caption": captions[r.id],
+                                             "references": r.captions} for r in records])
+    return summary

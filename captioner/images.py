@@ -1,0 +1,99 @@
+"""Step 1 of the data flow: any image source -> an RGB PIL image, or a clear per-file error.
+
+One loader for training features, the API, the batch command and the app, so every path sees the
+same pixels: EXIF orientation applied, every PIL mode (L, LA, P with transparency, RGBA, CMYK, I;16,
+F, ...) converted to RGB, animated images reduced to their first frame, and Pillow's
+decompression-bomb guard turned into an error instead of a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used; ``source`` names it and ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason
+
+
+def describe(src: ImageSource) -> str:
+    """A short name for error messages."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    return f"<{type(src).__name__}>"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to 8-bit RGB; transparency is composited on white, 16-bit scaled down."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"array of shape {arr.shape} is not HxW, HxWx3 or HxWx4")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr / 257.0
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def load_image(src: ImageSource) -> Image.Image:
+    """Return an RGB image for a path, PIL image or numpy array; raise ``ImageLoadError`` otherwise."""
+    name = describe(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(src, Image.Image):
+                img = src
+            elif isinstance(src, np.ndarray):
+                img = _from_array(src)
+            else:
+                path = Path(src)
+                if path.is_dir():
+                    raise ImageLoadError(name, "is a directory, not an image file")
+                if not path.exists():
+                    raise ImageLoadError(name, "file not found")
+                if path.stat().st_size == 0:
+                    raise ImageLoadError(name, "empty file (0 bytes)")
+                with Image.open(path) as opened:
+                    opened.seek(0)  # animated GIF/WebP/PNG: the first frame
+                    opened.load()
+                    img = opened.copy()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(name, f"refused as a possible decompression bomb ({err})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image (Pillow cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageLoadError(name, f"unreadable or corrupt image ({err})") from None

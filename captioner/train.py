@@ -1,0 +1,457 @@
+"""``captioner train``: teacher forcing on cached CNN features, clipped gradients, exact resume, DDP.
+
+Why from the cache: with a frozen encoder the CNN output never changes, so an epoch only runs the
+decoder (``--finetune-encoder`` trains end to end from images instead). Why the sampler: the data
+order is a pure function of (seed, epoch), and the RNG states and step are checkpointed, so
+``--resume`` replays exactly the batches and dropout masks an uninterrupted run would have seen.
+Under ``torchrun`` the same code runs DistributedDataParallel with a DistributedSampler; rank 0
+alone validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from data_prep.captions import CaptionTensors, encode_captions, references
+from data_prep.features import FeatureCache, ImageFiles, build_features, cache_dir
+from data_prep.manifest import REPORT, VOCAB, DatasetError, load_manifest, split_records
+from data_prep.vocab import Vocab
+
+from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from .config import ModelConfig
+from .decoding import DecodeConfig, decode
+from .encoder import Encoder, EncoderConfig, build_encoder
+from .metrics import bleu
+from .model import CaptionDecoder, caption_loss
+from .runtime import autocast, resolve_device, resolve_precision
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, unwritable output, mismatched resume)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation choices; saved in every run's ``train_config.json``."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    clip: float = 5.0  # gradient-norm clipping; 0 disables (the norm is still logged)
+    schedule: str = "cosine"  # cosine | plateau | constant, after a linear warm-up
+    warmup_steps: int = 100
+    plateau_factor: float = 0.5
+    label_smoothing: float = 0.0
+    patience: int = 4  # epochs without a better validation BLEU-4 before stopping; 0: never
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    save_every: int = 0  # also save last/ every N steps (0: only at epoch ends)
+    log_every: int = 20
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
+    val_bleu_images: int = 0  # images used for validation BLEU-4 (0: the whole split)
+    finetune_encoder: bool = False
+    encoder_lr: float = 1e-5
+    workers: int = 2
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors needed to continue a run exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    best_bleu4: float = -1.0
+    bad_epochs: int = 0
+    lr_scale: float = 1.0  # plateau schedule's running factor
+    history: list = field(default_factory=list)
+
+
+class PairIndex(Dataset):
+    """Caption-pair indices; batches are gathered from in-memory tensors by ``collate``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class ImagePairs(Dataset):
+    """(pixels, caption row) pairs for end-to-end encoder fine-tuning."""
+
+    def __init__(self, images: ImageFiles, caps: CaptionTensors) -> None:
+        self.images, self.caps = images, caps
+
+    def __len__(self) -> int:
+        return len(self.caps.tokens)
+
+    def __getitem__(self, i: int):
+        _, pixels, error = self.images[int(self.caps.pair_image[i])]
+        if error:
+            raise DatasetError(error)
+        return pixels, i
+
+
+def _trim(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop all-<pad> columns so a batch is only as long as its longest caption."""
+    return tokens[:, : int((tokens != 0).sum(1).max())]
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def lr_factor(step: int, total: int, config: TrainConfig, lr_scale: float) -> float:
+    """Linear warm-up, then cosine decay to 5% (or the plateau factor, or constant)."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.schedule == "cosine":
+        progress = min(1.0, step / max(1, total))
+        return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if config.schedule == "plateau":
+        return warm * lr_scale
+    return warm
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"{out}: output directory is not writable ({err.strerror}); nothing was trained") from None
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    state = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state |= {f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (for safetensors) + JSON for the scalars."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in sd["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Trainer:
+    """One training run: data, model, optimizer, validation and checkpoints."""
+
+    def __init__(self, data_dir: Path, out: Path, model_config: ModelConfig | None, encoder_config: EncoderConfig,
+                 config: TrainConfig, resume: bool = False) -> None:
+        self.data_dir, self.out, self.config = Path(data_dir), Path(out), config
+        self.rank, self.world = _distributed()
+        self.device = resolve_device(config.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.rank == 0:
+            _check_writable(self.out)
+        records = load_manifest(self.data_dir)
+        self.vocab = Vocab.load(self.data_dir / VOCAB)
+        report = json.loads((self.data_dir / REPORT).read_text()) if (self.data_dir / REPORT).is_file() else {}
+        self.train_records = split_records(records, "train")
+        self.val_records = split_records(records, "val")
+        self.state = TrainState()
+        torch.manual_seed(config.seed)
+        if resume:
+            self._load_resume()
+        else:
+            encoder, enc_cfg = build_encoder(encoder_config)
+            self.encoder = encoder
+            max_len = model_config.max_len if model_config else report.get("max_len", 30)
+            base = model_config or ModelConfig(vocab_size=len(self.vocab))
+            self.model_config = ModelConfig.from_json({**base.to_json(), "vocab_size": len(self.vocab),
+                                                       "encoder": enc_cfg.to_json(), "max_len": max_len})
+            self.decoder = CaptionDecoder(self.model_config)
+        self._prepare_data()
+        self._build_optimizer()
+        if resume:
+            tensors, meta = load_trainer_state(self.out / "last")
+            _restore_optimizer(self.optimizer, tensors, meta["optimizer"])
+            torch.set_rng_state(tensors["rng.cpu"])
+            if torch.cuda.is_available() and "rng.cuda0" in tensors:
+                torch.cuda.set_rng_state_all([tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
+                                              if f"rng.cuda{i}" in tensors])
+
+    def _load_resume(self) -> None:
+        last = self.out / "last"
+        loaded = load_checkpoint(last)
+        if loaded.vocab.words != self.vocab.words:
+            raise TrainingError(f"{last}/vocab.json differs from {self.data_dir}/vocab.json: "
+                                "this run was trained on another data directory")
+        _, meta = load_trainer_state(last)
+        saved = json.loads((self.out / "train_config.json").read_text())
+        self.config = TrainConfig(**{**saved, "device": self.config.device, "epochs": self.config.epochs,
+                                     "max_steps": self.config.max_steps})
+        self.state = TrainState(**meta["train_state"])
+        self.model_config = loaded.config
+        self.decoder = CaptionDecoder(self.model_config)
+        self.decoder.load_state_dict(loaded.decoder_state)
+        self.encoder = loaded.encoder
+
+    def _prepare_data(self) -> None:
+        cfg, enc = self.config, self.model_config.encoder
+        self.train_caps = encode_captions(self.train_records, self.vocab, self.model_config.max_len)
+        self.val_caps = encode_captions(self.val_records, self.vocab, self.model_config.max_len)
+        self.val_refs = references(self.val_records)
+        if not cfg.finetune_encoder:
+            directory = cache_dir(self.data_dir, enc)
+            if not self._cache_complete(directory):
+                if self.rank == 0:
+                    print(f"no complete feature cache at {directory}: building it")
+                    build_features(self.data_dir, enc, device=cfg.device, workers=cfg.workers)
+                if self.world > 1:
+                    dist.barrier()
+            cache = FeatureCache(directory)
+            if cache.encoder.feature_dim != self.model_config.feature_dim:
+                raise DatasetError(f"{directory}: features have dim {cache.encoder.feature_dim}, model expects "
+                                   f"{self.model_config.feature_dim}")
+            self.train_feats = self._gather(cache, self.train_caps.image_ids)
+            self.val_feats = self._gather(cache, self.val_caps.image_ids)
+
+    @staticmethod
+    def _cache_complete(directory: Path) -> bool:
+        try:
+            FeatureCache(directory)
+            return True
+        except (DatasetError, FileNotFoundError):
+            return False
+
+    @staticmethod
+    def _gather(cache: FeatureCache, ids: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(cache.features[cache.rows(ids)], dtype=np.float32))  # (N, D)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        self.decoder.to(self.device)
+        self.encoder.to(self.device)
+        groups = [{"params": list(self.decoder.parameters()), "lr": cfg.lr}]
+        self.encoder.requires_grad_(cfg.finetune_encoder)
+        if cfg.finetune_encoder:
+            groups.append({"params": list(self.encoder.parameters()), "lr": cfg.encoder_lr})
+        self.base_lrs = [g["lr"] for g in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.model: nn.Module = self.decoder
+        if self.world > 1:
+            self.model = DistributedDataParallel(self.decoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if cfg.finetune_encoder:
+                self.encoder = DistributedDataParallel(self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _loader(self, epoch: int) -> DataLoader:
+        cfg = self.config
+        sampler = DistributedSampler(PairIndex(len(self.train_caps.tokens)), num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[self.state.step_in_epoch * cfg.batch_size:] if epoch == self.state.epoch else list(sampler)
+        if cfg.finetune_encoder:
+            images = ImageFiles([r.path for r in self.train_records], self.model_config.encoder.preprocess)
+            return DataLoader(ImagePairs(images, self.train_caps), batch_size=cfg.batch_size, sampler=order,
+                              num_workers=cfg.workers, collate_fn=self._collate_images, generator=torch.Generator())
+        return DataLoader(PairIndex(len(self.train_caps.tokens)), batch_size=cfg.batch_size, sampler=order,
+                          collate_fn=self._collate_cached, generator=torch.Generator())
+
+    def _collate_cached(self, idx: list[int]):
+        idx_t = torch.tensor(idx)
+        return self.train_feats[self.train_caps.pair_image[idx_t]], _trim(self.train_caps.tokens[idx_t])
+
+    def _collate_images(self, items):
+        pixels = torch.stack([p for p, _ in items])
+        return pixels, _trim(self.train_caps.tokens[torch.tensor([i for _, i in items])])
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_caps.tokens) // (self.config.batch_size * self.world)
+
+    def fit(self) -> dict:
+        """Train until ``epochs`` (or ``max_steps``, or early stopping); return the best metrics."""
+        cfg = self.config
+        if self.rank == 0:
+            (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        total = cfg.epochs * self.steps_per_epoch()
+        stop = False
+        while self.state.epoch < cfg.epochs and not stop:
+            stop = self._train_epoch(total)
+            if stop:
+                break
+            metrics = self._validate()
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+            stop = self._end_epoch(metrics)
+        if self.rank == 0:
+            self.tb.close()
+        if self.world > 1:
+            dist.barrier()
+        return {"best_bleu4": self.state.best_bleu4, "epochs": self.state.epoch, "steps": self.state.step}
+
+    def _train_epoch(self, total: int) -> bool:
+        """One epoch (or its rest, when resuming); True when ``max_steps`` was reached."""
+        cfg = self.config
+        self.decoder.train()
+        self.encoder.train(cfg.finetune_encoder)
+        loader = self._loader(self.state.epoch)
+        bar = tqdm(loader, desc=f"epoch {self.state.epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=self.rank != 0, mininterval=2)
+        tokens_seen, t0 = 0, time.perf_counter()
+        for feats, tokens in bar:
+            feats, tokens = feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+            factor = lr_factor(self.state.step, total, cfg, self.state.lr_scale)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
+            with autocast(self.precision, self.device):
+                if cfg.finetune_encoder:
+                    feats = self.encoder(feats)
+                loss, n_tokens = caption_loss(self.model, feats, tokens, cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)) and self.precision != "fp16":
+                raise TrainingError(f"non-finite loss/gradient ({loss.item()}, norm {grad_norm.item()}) at epoch "
+                                    f"{self.state.epoch + 1} step {self.state.step}: stopped; the last good "
+                                    f"checkpoint is kept in {self.out / 'last'}. Try a lower --lr or --clip.")
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.state.step += 1
+            self.state.step_in_epoch += 1
+            tokens_seen += n_tokens
+            if self.rank == 0:
+                rate = tokens_seen * self.world / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}", refresh=False)
+                if self.state.step % cfg.log_every == 0 or cfg.log_every == 1:
+                    self._log_step(loss.item(), grad_norm.item(), factor)
+            if cfg.save_every and self.state.step % cfg.save_every == 0:
+                self._save("last")
+            if cfg.max_steps and self.state.step >= cfg.max_steps:
+                self._save("last")
+                return True
+        return False
+
+    def _log_step(self, loss: float, grad_norm: float, factor: float) -> None:
+        record = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "grad_norm_preclip": grad_norm,
+                  "lr": self.base_lrs[0] * factor}
+        with open(self.out / "steps.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.tb.add_scalar("train/loss", loss, self.state.step)
+        self.tb.add_scalar("train/grad_norm_preclip", grad_norm, self.state.step)
+        self.tb.add_scalar("train/lr", record["lr"], self.state.step)
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
+        """Teacher-forced validation loss and BLEU of free-running greedy decoding (rank 0 only)."""
+        if self.rank != 0:
+            return {}
+        self.decoder.eval()
+        self.encoder.eval()
+        val_feats = self.val_feats if not self.config.finetune_encoder else self._encode_val()
+        total_loss, total_tokens = 0.0, 0
+        for i in range(0, len(self.val_caps.tokens), 512):
+            tokens = _trim(self.val_caps.tokens[i:i + 512]).to(self.device)
+            feats = val_feats[self.val_caps.pair_image[i:i + 512]].to(self.device)
+            with autocast(self.precision, self.device):
+                loss, n = caption_loss(self.decoder, feats, tokens)
+            total_loss += loss.item() * n
+            total_tokens += n
+        ids = self.val_caps.image_ids[: self.config.val_bleu_images or None]
+        hyps = {}
+        greedy = DecodeConfig(strategy="greedy", max_len=self.model_config.max_len)
+        for i in range(0, len(ids), 256):
+            with autocast(self.precision, self.device):
+                out = decode(self.decoder, val_feats[i:i + 256].to(self.device), greedy)
+            hyps |= {image_id: self.vocab.decode(h[0].tokens) for image_id, h in zip(ids[i:i + 256], out)}
+        scores = bleu({i: self.val_refs[i] for i in ids}, hyps)
+        return {"val_loss": total_loss / max(1, total_tokens), **scores}
+
+    def _encode_val(self) -> torch.Tensor:
+        images = ImageFiles([r.path for r in self.val_records], self.model_config.encoder.preprocess)
+        from data_prep.features import collate_images
+        loader = DataLoader(images, batch_size=64, num_workers=self.config.workers, collate_fn=collate_images)
+        encoder = getattr(self.encoder, "module", self.encoder)
+        return torch.cat([encoder(px.to(self.device)).float().cpu() for _, px, _ in loader])
+
+    def _end_epoch(self, metrics: dict) -> bool:
+        """Record metrics, keep best/ and last/, decide early stopping (broadcast from rank 0)."""
+        stop = torch.zeros(1)
+        if self.rank == 0:
+            bleu4 = metrics["Bleu_4"]
+            improved = bleu4 > self.state.best_bleu4
+            if improved:
+                self.state.best_bleu4, self.state.bad_epochs = bleu4, 0
+            else:
+                self.state.bad_epochs += 1
+                if self.config.schedule == "plateau":
+                    self.state.lr_scale *= self.config.plateau_factor
+            record = {"epoch": self.state.epoch, "step": self.state.step, **metrics, "best_bleu4": self.state.best_bleu4,
+                      "time": time.time()}
+            self.state.history.append(record)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key, value in metrics.items():
+                self.tb.add_scalar(f"val/{key}", value, self.state.epoch)
+            print(f"epoch {self.state.epoch}: val loss {metrics['val_loss']:.4f}  BLEU-1..4 " +
+                  " / ".join(f"{metrics[f'Bleu_{n}']:.4f}" for n in range(1, 5)) + ("  (best)" if improved else ""))
+            if improved:
+                self._save("best", trainer_state=False)
+            self._save("last")
+            stop[0] = float(self.config.patience > 0 and self.state.bad_epochs >= self.config.patience)
+        if self.world > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop.item())
+
+    def _save(self, name: str, trainer_state: bool = True) -> None:
+        if self.rank != 0:
+            return
+        tensors = meta = None
+        if trainer_state:
+            optim_tensors, optim_meta = _optimizer_tensors(self.optimizer)
+            tensors = {**optim_tensors, **_rng_tensors()}
+            meta = {"optimizer": optim_meta, "train_state": asdict(self.state)}
+        save_checkpoint(self.out / name, self.model_config, self.vocab, self.decoder,
+                        getattr(self.encoder, "module", self.encoder), tensors, meta)

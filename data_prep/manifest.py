@@ -1,0 +1,65 @@
+"""The on-disk dataset every reader produces: one record per image with all its raw captions."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+REPORT = "prepare_report.json"
+FORMAT = "captioner-manifest/1"
+
+
+class DatasetError(ValueError):
+    """A data directory or caption file that cannot be used (message names the file and place)."""
+
+
+@dataclass
+class Record:
+    """One image: a stable integer id (COCO image_id where the source has one), its file, split, captions."""
+
+    id: int
+    path: str
+    split: str
+    captions: list[str]
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON through a temp file + rename so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_manifest(data_dir: Path, records: list[Record], source: str) -> None:
+    write_json_atomic(data_dir / MANIFEST, {"format": FORMAT, "source": source,
+                                            "records": [asdict(r) for r in records]})
+
+
+def load_manifest(data_dir: str | Path) -> list[Record]:
+    """Records of a prepared data directory; a clear error if it was not prepared."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{path}: no manifest; run `captioner prepare ... --out {data_dir}` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT:
+            raise DatasetError(f"{path}: unknown manifest format {data.get('format')!r}")
+        return [Record(**r) for r in data["records"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DatasetError(f"{path}: corrupt manifest ({err})") from None
+
+
+def split_records(records: list[Record], split: str) -> list[Record]:
+    """Records of one split, with a clear error when the split is empty or unknown."""
+    chosen = [r for r in records if r.split == split]
+    if not chosen:
+        known = sorted({r.split for r in records})
+        raise DatasetError(f"split {split!r} has no images; the manifest has {known}")
+    return chosen

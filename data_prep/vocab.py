@@ -1,0 +1,83 @@
+"""Word <-> id mapping with the four special tokens, built from training captions only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+
+class VocabError(ValueError):
+    """A vocabulary file that cannot be used."""
+
+
+@dataclass
+class Vocab:
+    """Ordered word list; ids are positions. Ids 0..3 are always <pad> <start> <end> <unk>."""
+
+    words: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if tuple(self.words[:4]) != SPECIALS:
+            raise VocabError(f"vocabulary must start with {SPECIALS}, got {self.words[:4]}")
+        if len(set(self.words)) != len(self.words):
+            raise VocabError("vocabulary has duplicate words")
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @classmethod
+    def build(cls, tokenized: Iterable[list[str]], min_count: int = 5) -> "Vocab":
+        """Keep words seen at least ``min_count`` times; order by frequency then alphabetically."""
+        counts = Counter(t for tokens in tokenized for t in tokens)
+        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIALS),
+                      key=lambda w: (-counts[w], w))
+        return cls(list(SPECIALS) + kept, dict(counts))
+
+    def encode(self, tokens: list[str]) -> list[int]:
+        """Token ids wrapped in <start> ... <end>; unknown words become <unk>."""
+        return [self.start_id] + [self.index.get(t, self.unk_id) for t in tokens] + [self.end_id]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Words of a generated id sequence, stopping at <end> and skipping <start>/<pad>."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.pad_id, self.start_id):
+                continue
+            out.append(self.words[i])
+        return out
+
+    def to_json(self) -> dict:
+        return {"words": self.words, "counts": {w: self.counts.get(w, 0) for w in self.words[4:]}}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=0))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocab":
+        path = Path(path)
+        if not path.is_file():
+            raise VocabError(f"{path}: vocabulary file not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            words, counts = data["words"], data.get("counts", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise VocabError(f"{path}: not a captioner vocabulary ({err})") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise VocabError(f"{path}: 'words' must be a list of strings")
+        try:
+            return cls(words, counts)
+        except VocabError as err:
+            raise VocabError(f"{path}: {err}") from None

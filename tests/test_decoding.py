@@ -1,0 +1,142 @@
+"""Decoding strategies: shapes, determinism, and the identities that pin down their correctness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captioner.config import ModelConfig
+from captioner.decoding import DecodeConfig, decode
+from captioner.encoder import EncoderConfig
+from captioner.model import CaptionDecoder
+
+
+@pytest.fixture(scope="module")
+def decoder() -> CaptionDecoder:
+    """A random decoder with a peaked output layer, so captions are varied and end at various lengths."""
+    torch.manual_seed(3)
+    enc = EncoderConfig(name="mobilenet_v2", weights="none", feature_dim=24)
+    dec = CaptionDecoder(ModelConfig(vocab_size=40, encoder=enc, hidden=32, embed=16, dropout=0.0)).eval()
+    with torch.no_grad():
+        dec.out.weight.mul_(8.0)
+        dec.out.bias[2] += 1.5  # <end> likely enough that most captions finish
+    return dec
+
+
+@pytest.fixture(scope="module")
+def feats() -> torch.Tensor:
+    return torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("options", [dict(strategy="greedy"), dict(strategy="sample", num_return=3, seed=0),
+                                     dict(strategy="beam", beam_size=4, num_return=2)])
+def test_output_shape(decoder, feats, options):
+    out = decode(decoder, feats, DecodeConfig(max_len=12, **options))
+    assert len(out) == 6
+    assert all(len(h) == options.get("num_return", 1) for h in out)
+    for hyps in out:
+        for h in hyps:
+            assert len(h.tokens) <= 12 and all(t not in (0, 1, 2, 3) for t in h.tokens)
+
+
+@pytest.mark.parametrize("options", [dict(strategy="greedy"), dict(strategy="sample", seed=7, temperature=1.3),
+                                     dict(strategy="beam", beam_size=3)])
+def test_deterministic(decoder, feats, options):
+    a = decode(decoder, feats, DecodeConfig(max_len=12, **options))
+    b = decode(decoder, feats, DecodeConfig(max_len=12, **options))
+    assert [[h.tokens for h in x] for x in a] == [[h.tokens for h in x] for x in b]
+
+
+def test_sampling_seed_matters(decoder, feats):
+    a = decode(decoder, feats, DecodeConfig(strategy="sample", seed=1, temperature=2.0, max_len=12))
+    b = decode(decoder, feats, DecodeConfig(strategy="sample", seed=2, temperature=2.0, max_len=12))
+    assert [x[0].tokens for x in a] != [x[0].tokens for x in b]
+
+
+def test_beam_size_one_equals_greedy(decoder, feats):
+    greedy = decode(decoder, feats, DecodeConfig(strategy="greedy", max_len=12))
+    beam = decode(decoder, feats, DecodeConfig(strategy="beam", beam_size=1, max_len=12))
+    assert [g[0].tokens for g in greedy] == [b[0].tokens for b in beam]
+    assert [g[0].logprob for g in greedy] == pytest.approx([b[0].logprob for b in beam], abs=1e-5)
+
+
+def test_top_k_one_sampling_equals_greedy(decoder, feats):
+    greedy = decode(decoder, feats, DecodeConfig(strategy="greedy", max_len=12))
+    sampled = decode(decoder, feats, DecodeConfig(strategy="sample", top_k=1, seed=5, max_len=12))
+    assert [g[0].tokens for g in greedy] == [s[0].tokens for s in sampled]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
+def test_beam_hypotheses_sorted_by_penalised_score(decoder, feats, alpha):
+    out = decode(decoder, feats, DecodeConfig(strategy="beam", beam_size=5, num_return=5, length_penalty=alpha,
+                                              max_len=12))
+    for hyps in out:
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        for h in hyps:  # score is logprob / len**alpha, len counting <end> when it was produced
+            length = len(h.tokens) + (1 if len(h.tokens) < 12 else 0)
+            assert h.score == pytest.approx(h.logprob / length ** alpha, rel=1e-5)
+
+
+def test_beam_finds_at_least_the_greedy_logprob(decoder, feats):
+    greedy = decode(decoder, feats, DecodeConfig(strategy="greedy", max_len=12))
+    beam = decode(decoder, feats, DecodeConfig(strategy="beam", beam_size=5, max_len=12))
+    for g, b in zip(greedy, beam):
+        assert b[0].logprob >= g[0].logprob - 1e-5
+
+
+def test_logprob_is_the_model_probability_of_the_caption(decoder, feats):
+    hyp = decode(decoder, feats[:1], DecodeConfig(strategy="beam", beam_size=3, max_len=12))[0][0]
+    seq = [1] + hyp.tokens + ([2] if len(hyp.tokens) < 12 else [])
+    state, total = decoder.init_state(feats[:1]), 0.0
+    with torch.no_grad():
+        for prev, nxt in zip(seq[:-1], seq[1:]):
+            logits, state = decoder.step(torch.tensor([prev]), state)
+            logp = torch.log_softmax(logits, -1)
+            logp[0, [0, 1, 3]] = float("-inf")
+            total += logp[0, nxt].item()
+    assert hyp.logprob == pytest.approx(total, abs=1e-4)
+
+
+def test_batched_and_one_by_one_beam_identical(decoder, feats):
+    config = DecodeConfig(strategy="beam", beam_size=4, num_return=3, length_penalty=0.5, max_len=12)
+    batched = decode(decoder, feats, config)
+    single = [decode(decoder, feats[i:i + 1], config)[0] for i in range(len(feats))]
+    assert [[h.tokens for h in x] for x in batched] == [[h.tokens for h in x] for x in single]
+    flat = lambda out: [h.score for x in out for h in x]  # noqa: E731
+    assert flat(batched) == pytest.approx(flat(single), abs=1e-5)
+
+
+def test_no_repeat_ngram_blocks_repeats(decoder, feats):
+    for strategy in ("greedy", "beam"):
+        out = decode(decoder, feats, DecodeConfig(strategy=strategy, no_repeat_ngram=2, max_len=20))
+        for hyps in out:
+            bigrams = list(zip(hyps[0].tokens, hyps[0].tokens[1:]))
+            assert len(bigrams) == len(set(bigrams))
+
+
+def test_unk_suppressed_unless_allowed(decoder, feats):
+    with torch.no_grad():
+        decoder.out.bias[3] += 50.0
+    try:
+        assert all(3 not in h[0].tokens for h in decode(decoder, feats, DecodeConfig(max_len=5)))
+        allowed = decode(decoder, feats, DecodeConfig(max_len=5, suppress_unk=False))
+        assert all(h[0].tokens[0] == 3 for h in allowed)
+    finally:
+        with torch.no_grad():
+            decoder.out.bias[3] -= 50.0
+
+
+def test_top_p_keeps_the_nucleus_only():
+    from captioner.decoding import _draw
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {int(_draw(logp, DecodeConfig(strategy="sample", top_p=0.7), torch.Generator().manual_seed(s)))
+             for s in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7 so the token crossing 0.7 (0.3) is kept; the rest never
+
+
+@pytest.mark.parametrize("bad", [dict(strategy="nope"), dict(strategy="beam", beam_size=2, num_return=3),
+                                 dict(temperature=0), dict(strategy="greedy", num_return=2)])
+def test_invalid_options_are_rejected(bad):
+    with pytest.raises(ValueError):
+        DecodeConfig(**bad)
