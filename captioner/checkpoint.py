@@ -50,9 +50,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write(work: Path, config: ModelConfig, vocab: Vocab, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """model.safetensors (floating tensors as ``dtype``) + config.json + vocab.json into ``work``."""
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(work / MODEL), metadata={"format": FORMAT})
+    (work / CONFIG).write_text(json.dumps({"format": FORMAT, **config.to_json()}, indent=1))
+    vocab.save(work / VOCAB)
+
+
 def save_checkpoint(target: Path, config: ModelConfig, vocab: Vocab, decoder: nn.Module, encoder: Encoder | None,
-                    trainer_tensors: dict[str, torch.Tensor] | None = None, trainer_json: dict | None = None,
-                    dtype: torch.dtype = torch.float32) -> Path:
+                    trainer_tensors: dict[str, torch.Tensor] | None = None, trainer_json: dict | None = None) -> Path:
     """Write a checkpoint and atomically point ``target`` (a symlink) at it; return the real directory."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,14 +71,9 @@ def save_checkpoint(target: Path, config: ModelConfig, vocab: Vocab, decoder: nn
     if work.exists():
         shutil.rmtree(work)
     work.mkdir()
-    tensors = {f"decoder.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in decoder.state_dict().items()}
-    if encoder is not None:
-        tensors |= {f"encoder.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                    for k, v in encoder.state_dict().items()}
-    save_file(tensors, str(work / MODEL), metadata={"format": FORMAT})
-    (work / CONFIG).write_text(json.dumps({"format": FORMAT, **config.to_json()}, indent=1))
-    vocab.save(work / VOCAB)
+    modules = {"decoder": decoder} | ({"encoder": encoder} if encoder is not None else {})
+    _write(work, config, vocab, {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()},
+           torch.float32)
     if trainer_tensors is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainer_tensors.items()}, str(work / STATE_TENSORS))
         (work / STATE_JSON).write_text(json.dumps(trainer_json or {}, indent=1))
@@ -153,3 +155,21 @@ def load_checkpoint(directory: str | Path) -> Loaded:
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer/RNG tensors and the JSON state saved for ``--resume``."""
     return read_tensors(directory / STATE_TENSORS), _read_json(directory / STATE_JSON)
+
+
+def export_checkpoint(source: Path, target: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a checkpoint (e.g. a run's ``best/``) into a plain, self-contained directory for shipping:
+    encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer state."""
+    loaded = load_checkpoint(source)
+    tensors = {f"decoder.{k}": v for k, v in loaded.decoder_state.items()}
+    tensors |= {f"encoder.{k}": v for k, v in loaded.encoder.state_dict().items()}
+    target = Path(target)
+    work = target.with_name(target.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _write(work, loaded.config, loaded.vocab, tensors, dtype)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(work, target)
+    return target

@@ -191,6 +191,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--results", type=Path, help="score this COCO results JSON instead of decoding")
     p.add_argument("-o", "--output", type=Path, help="write metrics.json here")
     p.add_argument("--per-image", type=Path, help="write each image's caption and references here")
+    p.add_argument("--from-cache", action="store_true",
+                   help="decode the data directory's cached features of the checkpoint's encoder (no CNN pass)")
     _add_decode_args(p)
 
 
@@ -204,7 +206,7 @@ def cmd_evaluate(args) -> int:
         captioner = Captioner.from_pretrained(checkpoint, device=args.device)
         config = _decode_config(args, captioner)
     summary = evaluate(args.data_dir, args.split, captioner, config, args.results, args.per_image, checkpoint,
-                       args.batch_size, args.workers)
+                       args.batch_size, args.workers, args.from_cache)
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{summary['images']} images of split {args.split!r}" + (f", {config.strategy}" if config else ""))
@@ -225,9 +227,27 @@ def _cmd_gradflow(args) -> int:
     return cmd_gradflow(args)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="copy a checkpoint into a self-contained directory for shipping")
+    p.add_argument("checkpoint", type=Path, help="e.g. RUN_DIR/best")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage type of the weights (loading always computes in float32)")
+
+
+def cmd_export(args) -> int:
+    import torch
+    from captioner.checkpoint import export_checkpoint
+    target = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
+    print(f"wrote {target} ({size:.1f} MB, {args.dtype})")
+    return 0
+
+
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
-            "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, _cmd_gradflow)}
+            "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, _cmd_gradflow),
+            "export": (_add_export, cmd_export)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,6 +67,25 @@ def caption_split(captioner: Captioner, records: list[Record], config: DecodeCon
     return out
 
 
+def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list[Record], config: DecodeConfig,
+                             batch_size: int = 256) -> dict[int, str]:
+    """Same decoding on the data directory's cached features (no CNN pass): for fast model selection.
+    The cache must come from the checkpoint's own encoder, weights and image size."""
+    import numpy as np
+    import torch
+
+    from data_prep.features import FeatureCache, cache_dir
+
+    directory = cache_dir(data_dir, captioner.config.encoder)
+    cache = FeatureCache(directory)
+    feats = np.asarray(cache.features[cache.rows([r.id for r in records])], dtype=np.float32)
+    out: dict[int, str] = {}
+    for i in range(0, len(records), batch_size):
+        nbest = captioner.generate(torch.from_numpy(feats[i:i + batch_size]), config)
+        out |= {r.id: n[0]["caption"] for r, n in zip(records[i:i + batch_size], nbest)}
+    return out
+
+
 def score(records: list[Record], captions: dict[int, str]) -> dict[str, float]:
     """Tokenise hypotheses and references the same way and compute every metric."""
     refs = references(records)
@@ -85,18 +104,20 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def evaluate(data_dir: Path, split: str, captioner: Captioner | None = None, config: DecodeConfig | None = None,
              results: Path | None = None, per_image: Path | None = None, checkpoint: str | None = None,
-             batch_size: int = 32, workers: int = 2) -> dict:
+             batch_size: int = 32, workers: int = 2, from_cache: bool = False) -> dict:
     """Metrics dict (pycocoevalcap keys, 0-1 BLEU) plus counts, decoding settings and provenance."""
     records = split_records(load_manifest(data_dir), split)
     warnings: list[str] = []
     if results is not None:
         captions, warnings = read_results(results, records)
+    elif from_cache:
+        captions = caption_split_from_cache(captioner, data_dir, records, config)
     else:
         captions = caption_split(captioner, records, config, batch_size, workers)
     metrics = score(records, captions)
     lengths = [len(tokenize(c)) for c in captions.values()]
     summary = {**metrics, "images": len(records), "split": split, "data_dir": str(data_dir),
-               "checkpoint": checkpoint, "results": str(results) if results else None,
+               "checkpoint": checkpoint, "results": str(results) if results else None, "from_cache": from_cache,
                "decoding": config.to_json() if config else None, "warnings": warnings,
                "mean_caption_length": sum(lengths) / max(1, len(lengths)),
                "distinct_captions": len(set(captions.values())),

@@ -305,7 +305,7 @@ class Trainer:
         return pixels, _trim(self.train_caps.tokens[torch.tensor([i for _, i in items])])
 
     def steps_per_epoch(self) -> int:
-        return len(self.train_caps.tokens) // (self.config.batch_size * self.world)
+        return math.ceil(len(self.train_caps.tokens) // self.world / self.config.batch_size)
 
     def fit(self) -> dict:
         """Train until ``epochs`` (or ``max_steps``, or early stopping); return the best metrics."""
