@@ -1,0 +1,177 @@
+"""Gradio demo: ``python app.py [--checkpoint DIR] [--device auto] [--host 127.0.0.1] [--port 7860] [--share]``.
+
+A thin UI over ``captioner.Captioner``: the model is loaded once at start and every request goes
+through the same loader, preprocessing and decoder as the CLI, so the demo shows exactly what the
+evaluated model does. Tab "Caption" captions an uploaded / pasted / webcam image with the chosen
+decoding strategy; tab "Why LSTM" explains (and, when ``docs/gradflow.png`` exists, shows) why the
+decoder is an LSTM and not a vanilla RNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from captioner.api import Captioner
+from captioner.decoding import STRATEGIES
+from captioner.errors import USER_ERRORS
+from captioner.images import ImageLoadError, load_image
+
+ROOT = Path(__file__).resolve().parent
+GRADFLOW_PNG = ROOT / "docs" / "gradflow.png"
+MAX_FILE_SIZE = "20mb"  # a phone photo fits; a multi-hundred-MB upload is refused before it is stored
+CONCURRENCY, QUEUE_SIZE = 2, 64  # two decodes at a time keep a small CPU box responsive; the rest wait
+MAX_CAPTIONS, MAX_BEAM = 10, 10  # slider ranges; also enforced for API clients, which bypass the sliders
+
+
+def example_images() -> list[str]:
+    """Sample photos that ship inside installed packages (never dataset files, whose licence forbids it).
+
+    Whichever of scikit-image / matplotlib is installed contributes; missing files are skipped.
+    """
+    wanted = {"skimage": ("data/chelsea.png", "data/astronaut.png", "data/coffee.png", "data/motorcycle_left.png"),
+              "matplotlib": ("mpl-data/sample_data/grace_hopper.jpg",)}
+    found = []
+    for package, files in wanted.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            continue
+        base = Path(spec.origin).parent
+        found += [str(base / f) for f in files if (base / f).is_file()]
+    return found
+
+
+def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, temperature: float, top_p: float,
+                   beam_size: float, num_return: float) -> tuple[str, list[list]]:
+    """One request: the best caption and the n-best table; bad input becomes a ``gr.Error`` shown in the UI.
+
+    The event runs with ``preprocess=False``: stock ``gr.Image`` preprocessing opens every upload with
+    PIL first, so a broken file would fail there with a generic error instead of reaching
+    ``captioner.images.load_image`` (EXIF, modes, bomb guard). ``upload`` is therefore gradio's file
+    payload (its path already checked to lie in gradio's upload folder), and the controls arrive
+    unchecked, so their bounds are enforced here for API clients too.
+    """
+    if upload is None:
+        raise gr.Error("No image: upload, paste or capture one first.", print_exception=False)
+    try:
+        beams, count = int(beam_size), int(num_return)
+        if beams > MAX_BEAM or count > MAX_CAPTIONS:
+            raise ValueError(f"beam size is limited to {MAX_BEAM} and the number of captions to {MAX_CAPTIONS}")
+        # Greedy has exactly one answer, so the count slider only matters for sample and beam.
+        config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
+                                         beam_size=beams, num_return=1 if strategy == "greedy" else count)
+        pixels = captioner.preprocess(load_image(upload["path"]))[None]
+    except ImageLoadError as err:  # name the file as the user knows it, not by gradio's cache path
+        raise gr.Error(f"{upload.get('orig_name') or 'upload'}: {err.reason}", print_exception=False) from None
+    except (TypeError, ValueError) as err:
+        raise gr.Error(str(err), print_exception=False) from None
+    nbest = captioner.generate(captioner.encode(pixels), config)[0]
+    return nbest[0]["caption"], [[i + 1, h["caption"], h["logprob"], h["score"]] for i, h in enumerate(nbest)]
+
+
+WHY_LSTM = """
+### Why the decoder is an LSTM
+
+**Vanilla RNN.** `h_t = tanh(W_hh h_{t-1} + W_xh x_t)`. Backpropagation through time multiplies the
+gradient by `diag(tanh'(.)) W_hh^T` at *every* step, so after `T` steps its size behaves like
+`sigma_max(W_hh)^T`: below 1 it **vanishes** geometrically, above 1 it can **explode**.
+
+**Clipping** rescales the total gradient norm to a maximum before each update. That tames the
+exploding case (no single step can throw the weights away) but does nothing for a vanishing gradient.
+
+**LSTM.** The cell state is updated additively, `c_t = f_t * c_{t-1} + i_t * g_t`, so
+`dc_t/dc_{t-1} = diag(f_t)`: an element-wise gate, no repeated matrix product. With forget gates
+near 1 the gradient reaches early steps almost unchanged.
+
+This matters here because the image enters the decoder only through the LSTM's **initial state**:
+every word's loss has to flow back to step 0 to teach the model what the image shows.
+"""
+
+GRADFLOW_MISSING = ("*The measured plot is not generated yet.* Create it with\n\n"
+                    "`captioner gradflow DATA_DIR --out docs/gradflow.png --json docs/gradflow.json`\n\n"
+                    "(DATA_DIR: a prepared data directory) and restart the app.")
+
+
+def build_demo(captioner: Captioner) -> gr.Blocks:
+    """The two-tab UI around an already loaded model, queued; ``launch`` it or call ``serve``."""
+    with gr.Blocks(title="Image captioner (CNN + LSTM)", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:  # uploads would otherwise pile up for the server's lifetime
+        gr.Markdown("# Image captioner\nCNN image features set the initial state of an LSTM that writes the caption.")
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
+                                     label="Image", elem_id="image")
+                    if examples := example_images():
+                        gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Example images")
+                with gr.Column():
+                    strategy = gr.Radio(list(STRATEGIES), value="beam", label="Strategy",
+                                        info="greedy: most likely word each step; sample: random; beam: best sequences")
+                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature",
+                                            info="sample only: < 1 safer, > 1 more varied")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p",
+                                      info="sample only: keep the smallest word set with this probability (1 = off)")
+                    beam_size = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size", info="beam only")
+                    num_return = gr.Slider(1, MAX_CAPTIONS, value=3, step=1, label="Number of captions",
+                                           info="sample / beam (at most the beam size); greedy gives one")
+                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column(scale=2):
+                    caption = gr.Textbox(label="Best caption", elem_id="caption", interactive=False)
+                    nbest = gr.Dataframe(headers=["#", "caption", "log-prob", "score"],
+                                         datatype=["number", "str", "number", "number"], label="N-best",
+                                         column_widths=["8%", "58%", "17%", "17%"], wrap=True,
+                                         interactive=False, elem_id="nbest")
+            button.click(functools.partial(caption_upload, captioner),
+                         inputs=[image, strategy, temperature, top_p, beam_size, num_return],
+                         outputs=[caption, nbest], api_name="caption", preprocess=False)
+        with gr.Tab("Why LSTM"):
+            if GRADFLOW_PNG.is_file():
+                gr.Image(str(GRADFLOW_PNG), label="Gradient norm through time (captioner gradflow)",
+                         interactive=False, elem_id="gradflow")
+            gr.Markdown(WHY_LSTM)
+            if not GRADFLOW_PNG.is_file():
+                gr.Markdown(GRADFLOW_MISSING)
+    return demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+
+
+def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          block: bool = True) -> str:
+    """Launch with the limits that protect the server (upload size); returns the local URL.
+
+    ``block=False`` returns right after start-up, for tests and notebooks.
+    """
+    _, url, _ = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+                            prevent_thread_lock=not block, quiet=not block)
+    return url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Gradio demo of the CNN + LSTM image captioner.")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint directory (default: $CAPTIONER_CHECKPOINT or the bundled model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (0.0.0.0 exposes the demo to the network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    except USER_ERRORS as err:
+        print(f"app.py: error: {err}", file=sys.stderr)
+        return 2
+    serve(build_demo(captioner), args.host, args.port, args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The Gradio app served for real on loopback: API calls through gradio_client, and one headless-browser run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from app_fixtures import BEAM3, ROOT, app_server, bad_image, client, good_image, load_app  # noqa: F401 (fixtures)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+
+def test_caption_and_nbest_for_a_real_image(app_server, good_image) -> None:
+    best, table = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, api_name="/caption")
+    assert isinstance(best, str) and best.strip()
+    assert table["headers"] == ["#", "caption", "log-prob", "score"]
+    rows = table["data"]
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert rows[0][1] == best
+    assert best == app_server.captioner.caption(str(good_image), strategy="beam", beam_size=3)  # same API, same answer
+
+
+def test_bad_upload_is_a_clear_error_and_the_server_keeps_serving(app_server, bad_image, good_image) -> None:
+    api = client(app_server.url)
+    with pytest.raises(AppError, match=r"broken\.jpg: not an image"):
+        api.predict(handle_file(str(bad_image)), *BEAM3, api_name="/caption")
+    best, _ = api.predict(handle_file(str(good_image)), "greedy", 1.0, 1.0, 3, 5, api_name="/caption")
+    assert best.strip()
+
+
+@pytest.mark.parametrize("options, reason", [(("beam", 1.0, 1.0, 2, 5), r"num_return \(5\) cannot exceed beam_size"),
+                                             (("beam", 1.0, 1.0, 500, 1), "beam size is limited to 10"),
+                                             (("sample", 0.0, 1.0, 3, 1), "need temperature > 0")])
+def test_invalid_options_are_reported(app_server, good_image, options, reason) -> None:
+    """API clients bypass the sliders' ranges; the handler still refuses, with the reason."""
+    with pytest.raises(AppError, match=reason):
+        client(app_server.url).predict(handle_file(str(good_image)), *options, api_name="/caption")
+
+
+def test_why_lstm_tab_shows_the_plot_only_when_it_exists(monkeypatch, tmp_path) -> None:
+    app = load_app()
+    png = tmp_path / "gradflow.png"
+    Image.new("RGB", (8, 8)).save(png)
+    for path, has_plot in ((png, True), (tmp_path / "absent.png", False)):
+        monkeypatch.setattr(app, "GRADFLOW_PNG", path)
+        blocks = app.build_demo(None).blocks.values()
+        plots = [b for b in blocks if isinstance(b, gr.Image) and b.elem_id == "gradflow"]
+        notes = [b for b in blocks if isinstance(b, gr.Markdown) and "captioner gradflow" in (b.value or "")]
+        assert (len(plots), len(notes)) == ((1, 0) if has_plot else (0, 1))
+
+
+def test_example_images_are_real_files() -> None:
+    for path in load_app().example_images():
+        assert Path(path).is_file() and "flickr" not in path.lower()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
+def test_browser_bad_then_good_upload(app_server, bad_image, good_image, tmp_path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright python package")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(app_server.url)
+            upload = page.locator("#image input[type=file]")
+            upload.set_input_files(str(bad_image))
+            page.locator("#image img").first.wait_for(state="attached")  # upload finished (nothing to show)
+            page.locator("#caption-button").click()
+            page.get_by_text("broken.jpg: not an image").first.wait_for()  # the error toast
+
+            upload.set_input_files(str(good_image))
+            page.wait_for_function("() => { const i = document.querySelector('#image img');"
+                                   " return i && i.complete && i.naturalWidth > 0; }")  # good upload shown
+            page.locator("#caption-button").click()
+            box = page.locator("#caption textarea, #caption input").first
+            page.wait_for_function("el => el.value.trim().length > 0", arg=box.element_handle())
+            text = box.input_value()
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert text.strip()
+    assert shot.stat().st_size > 0
+    if os.environ.get("CAPTIONER_SAVE_SCREENSHOT"):
+        (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, ROOT / "docs" / "screenshots" / "app.png")
