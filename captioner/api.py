@@ -120,7 +120,7 @@ class Captioner:
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if workers else None)
         for idx, pixels, errors in loader:
-            results: dict[int, ImageResult] = {i: ImageResult(str(paths[i]), [], err) for i, err in errors}
+            results = {i: ImageResult(str(paths[i]), [], err.removeprefix(f"{paths[i]}: ")) for i, err in errors}
             if pixels is not None:
                 for i, nbest in zip(idx, self.generate(self.encode(pixels), config)):
                     results[i] = ImageResult(str(paths[i]), nbest)

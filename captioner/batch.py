@@ -100,10 +100,7 @@ class Sink:
             if not resume:
                 self.stream_path.unlink()
             else:
-                for line in _complete_lines(self.stream_path):
-                    rec = self._parse(line)
-                    if rec is not None:
-                        self.done[rec["path"]] = rec
+                self._keep_finished()
         if self.stream_path is None:
             self.handle = None
         else:
@@ -113,6 +110,22 @@ class Sink:
             if fmt == "csv" and new:
                 self.handle.write(",".join(CSV_FIELDS) + "\r\n")
                 self.handle.flush()
+
+    def _keep_finished(self) -> None:
+        """Resume: keep the captioned images; drop error lines and a half-written last line, so failed
+        images are tried again and every image still appears exactly once (rewritten atomically)."""
+        lines = _complete_lines(self.stream_path)
+        kept = []
+        for line in lines:
+            rec = self._parse(line)
+            if rec is None or "error" not in rec:
+                kept.append(line)
+            if rec is not None and "error" not in rec:
+                self.done[rec["path"]] = rec
+        if len(kept) != len(lines):
+            tmp = self.stream_path.with_name(self.stream_path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.stream_path)
 
     def _parse(self, line: str) -> dict | None:
         if self.fmt == "csv":
@@ -137,14 +150,17 @@ class Sink:
             self.handle.write(line)
             self.handle.flush()
 
-    def close(self) -> None:
+    def close(self, complete: bool) -> None:
+        """Close the stream; a complete COCO run is turned into its JSON list (an incomplete one stays
+        resumable in its ``.partial.jsonl``)."""
         if self.handle is not None:
             self.handle.close()
-        if self.fmt == "coco" and self.path is not None:
+        if complete and self.fmt == "coco" and self.path is not None:
             results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in self.done.values() if "error" not in r]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
             os.replace(tmp, self.path)
+            self.stream_path.unlink()
 
 
 def image_ids(paths: list[str], data_dir: Path | None) -> dict[str, int]:
@@ -163,15 +179,17 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     todo = [p for p in inputs.files if p not in sink.done]
     failures = [{"path": m, "error": "no such file or folder (or the pattern matched nothing)"} for m in inputs.missing]
     bar = tqdm(total=len(todo), desc="captioning", unit="img", mininterval=1, disable=out is None)
+    complete = False
     try:
         for result in captioner.stream(todo, config, batch_size, workers):
             if result.error is None and fmt == "coco" and result.source not in ids:
                 result = ImageResult(result.source, [], "no image id (give --data DATA_DIR, or use COCO's numeric file names)")
             sink.write(_record(result, ids.get(result.source)))
             bar.update(1)
+        complete = True
     finally:
         bar.close()
-        sink.close()
+        sink.close(complete)
     failures += [{"path": r["path"], "error": r["error"]} for r in sink.done.values() if "error" in r]
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
             "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored}

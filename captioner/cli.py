@@ -30,6 +30,8 @@ def cmd_prepare(args) -> int:
     from data_prep.readers import read_coco, read_flickr8k, read_karpathy
 
     skips: list[dict] = []
+    if args.format != "coco" and len(args.images) != 1:
+        raise ValueError(f"prepare {args.format} takes one --images folder (got {len(args.images)})")
     if args.format == "coco":
         records = read_coco(args.captions, args.images, args.split_names, args.val_size, args.test_size, args.seed)
     elif args.format == "karpathy":

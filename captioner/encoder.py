@@ -145,7 +145,9 @@ def build_encoder(config: EncoderConfig) -> tuple[Encoder, EncoderConfig]:
     if config.name not in torchvision.models.list_models(module=torchvision.models):
         raise EncoderError(f"unknown encoder {config.name!r}; use a torchvision classification model name "
                            "such as resnet50, resnet18, mobilenet_v2, efficientnet_b0")
-    model = torchvision.models.get_model(config.name, weights=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # weights "none": the same random encoder every time (cache == checkpoint)
+        model = torchvision.models.get_model(config.name, weights=None)
     pre = Preprocess(resize=round(config.image_size * 256 / 224), crop=config.image_size)
     spec = config.weights
     if spec.lower() == "none":

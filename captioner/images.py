@@ -56,6 +56,12 @@ def _from_array(arr: np.ndarray) -> Image.Image:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise ValueError(f"array of shape {arr.shape} is not HxW, HxWx3 or HxWx4")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if not (np.issubdtype(arr.dtype, np.number)):
+        raise ValueError(f"array of dtype {arr.dtype} is not numeric pixel data")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError("array contains NaN or infinite values")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
             arr = arr * 255.0
@@ -88,6 +94,8 @@ def load_image(src: ImageSource) -> Image.Image:
                     opened.load()
                     img = opened.copy()
             img = ImageOps.exif_transpose(img)
+            if img.width == 0 or img.height == 0:
+                raise ImageLoadError(name, f"image has no pixels ({img.width}x{img.height})")
             return _to_rgb(img)
     except ImageLoadError:
         raise

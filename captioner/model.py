@@ -74,11 +74,29 @@ class CaptionDecoder(nn.Module):
         return self.out(self.drop(out[mask])), targets[mask]  # (n_real, V), (n_real,)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One decoding step: (N,) previous tokens -> (N, V) logits and the next state."""
-        out, state = self._run(self.embed(tokens).unsqueeze(1), state)  # (N, 1, H)
-        return self.out(out[:, 0]), state
+        """One decoding step: (N,) previous tokens -> (N, V) logits and the next state.
 
-
+        Runs ``self.rnn``'s own weights through the fused single-step cell functions: for one time
+        step they are several times faster on CPU than ``nn.LSTM``'s oneDNN sequence path, and give
+        the same numbers.
+        """
+        x, cfg = self.embed(tokens), self.config  # (N, E)
+        hs, cs = [], []
+        for layer in range(cfg.layers):
+            weights = [getattr(self.rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if layer:
+                x = nn.functional.dropout(x, cfg.dropout, self.training)
+            if cfg.cell == "lstm":
+                h, c = torch.lstm_cell(x, (state[0][layer], state[1][layer]), *weights)
+                cs.append(c)
+            elif cfg.cell == "gru":
+                h = torch.gru_cell(x, state[0][layer], *weights)
+            else:
+                h = torch.rnn_tanh_cell(x, state[0][layer], *weights)
+            hs.append(h)
+            x = h
+        new_state = (torch.stack(hs), torch.stack(cs)) if cfg.cell == "lstm" else (torch.stack(hs),)
+        return self.out(x), new_state
 
 def caption_loss(decoder: nn.Module, features: torch.Tensor, tokens: torch.Tensor,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:

@@ -229,10 +229,20 @@ class Trainer:
         self.config = TrainConfig(**{**saved, "device": self.config.device, "epochs": self.config.epochs,
                                      "max_steps": self.config.max_steps})
         self.state = TrainState(**meta["train_state"])
+        self._drop_logs_after(self.state.step)
         self.model_config = loaded.config
         self.decoder = CaptionDecoder(self.model_config)
         self.decoder.load_state_dict(loaded.decoder_state)
         self.encoder = loaded.encoder
+
+    def _drop_logs_after(self, step: int) -> None:
+        """Resume: forget log lines of steps that were lost with the killed process (they rerun)."""
+        for name in ("steps.jsonl", "metrics.jsonl"):
+            path = self.out / name
+            if path.exists():
+                lines = [line for line in path.read_text().splitlines() if line.endswith("}")
+                         and json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in lines))
 
     def _prepare_data(self) -> None:
         cfg, enc = self.config, self.model_config.encoder

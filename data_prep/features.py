@@ -86,7 +86,7 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
     directory = cache_dir(data_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
     ids = [r.id for r in records]
-    index = {"ids": ids, "encoder": config.to_json()}
+    index = json.loads(json.dumps({"ids": ids, "encoder": config.to_json()}))  # tuples -> lists, as read back
     index_path, progress_path, array_path = directory / "index.json", directory / "progress.json", directory / "features.npy"
     done = 0
     if index_path.is_file() and array_path.is_file() and progress_path.is_file():

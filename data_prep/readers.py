@@ -20,7 +20,7 @@ def _load_json(path: Path) -> object:
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
@@ -112,7 +112,7 @@ def read_karpathy(path: Path, images_dir: Path) -> list[Record]:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return path.read_bytes().decode("utf-8").splitlines()
+        return path.read_bytes().decode("utf-8-sig").splitlines()
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError as err:

@@ -34,8 +34,12 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 
 
 def _steps(run: Path) -> int:
+    """The highest step logged (a resumed run logs the step lost in flight again)."""
     path = run / "steps.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
 
 
 def test_sigkill_during_training_keeps_a_loadable_checkpoint_and_resumes(data_dir, tmp_path):

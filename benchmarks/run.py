@@ -1,0 +1,568 @@
+"""Speed and memory benchmarks of captioner: encoder, batch captioning, single-image latency, training.
+
+Why these five numbers: the CNN forward is the floor every other path is compared with. Batch captioning
+(``Captioner.stream``) should run close to that floor, because JPEG decoding happens in worker processes
+and the LSTM decoder is small; the single-image call is what the demo pays per request; and training from
+the feature cache should be far faster than the tutorial recipe that recomputes the frozen CNN every step.
+Each measurement warms up, repeats, reports medians and its own peak memory, and prints PASS/MISS
+against the targets. Results go to ``benchmarks/results/<device>.json`` and a Markdown table in
+``benchmarks/README.md``.
+
+    python benchmarks/run.py [--device auto] [--quick] [--checkpoint DIR|synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import itertools
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a plain checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from captioner.api import Captioner, default_checkpoint  # noqa: E402
+from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder  # noqa: E402
+from captioner.images import load_image  # noqa: E402
+from captioner.model import CaptionDecoder, caption_loss  # noqa: E402
+from captioner.runtime import autocast  # noqa: E402
+
+FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+EPOCH_CAPTIONS = 30_000  # Flickr8k train split: 6,000 images x 5 captions
+TARGETS = {  # name -> (minimum or maximum, bound); checked on the ratios below
+    "stream_greedy_vs_encoder": (">=", 0.85),
+    "stream_beam3_vs_encoder": (">=", 0.70),
+    "latency_p50_vs_encoder_b1": ("<=", 1.30),
+    "train_cache_vs_recompute": (">=", 20.0),
+}
+
+
+@dataclass
+class Budget:
+    """How long each measurement runs: warm-up calls, then repeats until both minimums are met."""
+
+    warmup: int
+    min_repeats: int
+    max_repeats: int
+    seconds: float  # minimum measured time per timing loop
+    stream_images: int
+    stream_repeats: int
+    latency_calls: int
+    recompute_steps: int
+    stream_batch: int = 32  # also the encoder's large batch
+    train_batch: int = 128  # TrainConfig.batch_size
+
+
+FULL = Budget(warmup=3, min_repeats=5, max_repeats=500, seconds=10.0, stream_images=384, stream_repeats=3,
+              latency_calls=100, recompute_steps=4)
+# --quick only checks that everything runs: smaller batches too, so it fits in ~2 minutes on a busy 2-core box.
+QUICK = Budget(warmup=1, min_repeats=1, max_repeats=20, seconds=0.0, stream_images=8, stream_repeats=1,
+               latency_calls=3, recompute_steps=1, stream_batch=4, train_batch=8)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _status_kb(pid: int | str, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes (DataLoader workers): the cheap per-thread ``children`` lists when the
+    kernel has them, else a scan of /proc (a few ms, so the sampler only rescans once a second)."""
+    lists = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    if lists:
+        return [int(c) for f in lists for c in f.read_text().split()]
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def _pss_kb(pids: list[int]) -> int:
+    """Summed PSS. PSS, not RSS: forked workers share the parent's pages copy-on-write, and RSS would
+    count torch's libraries once per worker."""
+    total = 0
+    for pid in pids:
+        try:
+            total += sum(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                         if line.startswith("Pss:"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class PeakMemory:
+    """Peak memory of one measurement, not of the process so far.
+
+    VmHWM is a process-lifetime peak, so it is reset first by writing 5 to ``/proc/self/clear_refs``
+    (Linux >= 4.0); if that is refused, RSS is sampled instead. Worker processes are sampled every 0.1 s.
+    On CUDA the caching allocator's peak is reset and read too.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.result = device, {}
+
+    def __enter__(self) -> "PeakMemory":
+        self.base_kb = _status_kb("self", "VmRSS") or 0
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.hwm_ok = True
+        except OSError:
+            self.hwm_ok = False
+        self.own_peak_kb, self.kids_peak_kb, self._stop = self.base_kb, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self) -> None:
+        kids: list[int] = []
+        for tick in itertools.count():
+            if self._stop.wait(0.1):
+                return
+            if tick % 10 == 0:
+                kids = _children(os.getpid())
+            self.own_peak_kb = max(self.own_peak_kb, _status_kb("self", "VmRSS") or 0)
+            self.kids_peak_kb = max(self.kids_peak_kb, _pss_kb(kids))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        peak = (_status_kb("self", "VmHWM") if self.hwm_ok else None) or self.own_peak_kb
+        self.result = {"peak_rss_mb": round(peak / 1024, 1), "rss_delta_mb": round((peak - self.base_kb) / 1024, 1),
+                       "workers_peak_pss_mb": round(self.kids_peak_kb / 1024, 1)}
+        if self.device.type == "cuda":
+            self.result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    """Wall and main-process CPU seconds per call. ``cpu_util`` (CPU s per wall s, at most the thread
+    count) tells the reader whether a slow measurement computed or waited: for ``stream`` a low value
+    means the model sat idle waiting for JPEG-decoding workers."""
+
+    wall: list[float]
+    cpu: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    def summary(self) -> dict:
+        return {"median_s": self.median, "repeats": len(self.wall),
+                "cpu_util": round(sum(self.cpu) / max(1e-9, sum(self.wall)), 2)}
+
+
+def timed(fn: Callable[[], object], budget: Budget, device: torch.device, warmup: int | None = None,
+          min_repeats: int | None = None, max_repeats: int | None = None) -> Timing:
+    """Seconds per call after warm-up; repeats until ``min_repeats`` calls and ``budget.seconds`` are done."""
+    for _ in range(budget.warmup if warmup is None else warmup):
+        fn()
+        sync(device)
+    timing = Timing([], [])
+    need = budget.min_repeats if min_repeats is None else min_repeats
+    most = budget.max_repeats if max_repeats is None else max_repeats
+    start = time.perf_counter()
+    while len(timing.wall) < most and (len(timing.wall) < need or time.perf_counter() - start < budget.seconds):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        timing.wall.append(time.perf_counter() - t0)
+        timing.cpu.append(time.process_time() - c0)
+    return timing
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def image_paths(directory: Path | None, n: int, seed: int = 0) -> tuple[list[str], str]:
+    """``n`` real JPEGs (Flickr8k by default), or generated 500x375 JPEGs when there are none."""
+    if directory and directory.is_dir():
+        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        if files:
+            random.Random(seed).shuffle(files)
+            return [str(p) for p in (files * (n // len(files) + 1))[:n]], str(directory)
+    out = Path(tempfile.mkdtemp(prefix="captioner-bench-img-"))
+    atexit.register(shutil.rmtree, out, True)
+    rng = np.random.default_rng(seed)
+    for i in range(min(n, 256)):
+        base = np.linspace(0, 255, 500, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1, 3)
+        img = Image.fromarray(np.broadcast_to(base, (375, 500, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(12):
+            x, y = rng.integers(0, 450), rng.integers(0, 330)
+            draw.ellipse((x, y, x + rng.integers(20, 120), y + rng.integers(20, 120)), fill=tuple(rng.integers(0, 255, 3)))
+        img.save(out / f"gen_{i:04d}.jpg", quality=90)
+    files = sorted(str(p) for p in out.iterdir())
+    return (files * (n // len(files) + 1))[:n], f"generated ({out})"
+
+
+def warm_page_cache(paths: list[str]) -> None:
+    """Read every file once so the numbers measure decoding, not the first disk read."""
+    for p in set(paths):
+        Path(p).read_bytes()
+
+
+def synthetic_checkpoint() -> Path:
+    """An untrained mobilenet_v2 + LSTM-512 checkpoint with the bundled model's shapes (same compute).
+
+    Untrained, its captions never emit <end>, so they all run to ``max_len``: decoding costs are an
+    upper bound (a trained model stops after ~12 words)."""
+    from captioner.checkpoint import save_checkpoint
+    from captioner.config import ModelConfig
+    from data_prep.vocab import SPECIALS, Vocab
+    encoder, enc_cfg = build_encoder(EncoderConfig("mobilenet_v2", "none", 224))
+    config = ModelConfig(vocab_size=2540, encoder=enc_cfg, hidden=512, embed=256)
+    vocab = Vocab(list(SPECIALS) + [f"w{i}" for i in range(config.vocab_size - len(SPECIALS))])
+    torch.manual_seed(0)
+    root = tempfile.mkdtemp(prefix="captioner-bench-ckpt-")
+    atexit.register(shutil.rmtree, root, True)
+    target = Path(root) / "synthetic"
+    save_checkpoint(target, config, vocab, CaptionDecoder(config), encoder)
+    return target
+
+
+def caption_lengths(n: int, max_len: int, seed: int = 0) -> list[int]:
+    """Token counts (with <start>/<end>) of ``n`` captions: Flickr8k's when present, else ~N(11, 4) words."""
+    token_file = FLICKR8K / "Flickr8k.token.txt"
+    rng = random.Random(seed)
+    if token_file.is_file():
+        words = [sum(any(c.isalnum() for c in w) for w in line.split("\t", 1)[-1].split())
+                 for line in token_file.read_text().splitlines() if line.strip()]
+    else:
+        words = [max(1, round(rng.gauss(11, 4))) for _ in range(n)]
+    return [min(w, max_len) + 2 for w in rng.choices(words, k=n)]
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def bench_encoder(encoder: Encoder, size: int, batch: int, precision: str, device: torch.device,
+                  budget: Budget) -> dict:
+    """(1) images/s of one forward on preprocessed pixels already on the device."""
+    pixels = torch.randn(batch, 3, size, size, device=device)
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast(precision, device):
+            encoder(pixels)
+
+    with PeakMemory(device) as mem:
+        timing = timed(forward, budget, device)
+    return {"batch": batch, "images_per_s": batch / timing.median, **timing.summary(), **mem.result}
+
+
+def bench_stream(cap: Captioner, paths: list[str], config: DecodeConfig, workers: int, budget: Budget) -> dict:
+    """(2) JPEG on disk -> caption text through ``Captioner.stream``, whole-run images/s."""
+    def run(subset: list[str]) -> list[int]:
+        lengths = []
+        for result in cap.stream(subset, config, batch_size=budget.stream_batch, workers=workers):
+            if result.error:
+                raise RuntimeError(result.error)
+            lengths.append(len(result.nbest[0]["tokens"]))
+        return lengths
+
+    run(paths[: budget.stream_batch])  # warm-up: allocator, kernels, first-batch code paths
+    lengths: list[int] = []
+    with PeakMemory(cap.device) as mem:
+        timing = timed(lambda: lengths.extend(run(paths)), budget, cap.device, warmup=0,
+                       min_repeats=budget.stream_repeats)
+    return {"strategy": config.strategy, "beam_size": config.beam_size if config.strategy == "beam" else None,
+            "images": len(paths), "batch": budget.stream_batch, "workers": workers,
+            "images_per_s": len(paths) / timing.median, **timing.summary(),
+            "mean_caption_words": statistics.fmean(lengths), **mem.result}
+
+
+def bench_latency(cap: Captioner, paths: list[str], budget: Budget) -> dict:
+    """(3) one ``Captioner.caption(path)`` call per image, as the demo does; p50/p95 over distinct files."""
+    calls = itertools.cycle(paths)
+    with PeakMemory(cap.device) as mem:
+        timing = timed(lambda: cap.caption(next(calls)), budget, cap.device, min_repeats=budget.latency_calls)
+    return {"p50_s": percentile(timing.wall, 50), "p95_s": percentile(timing.wall, 95), **timing.summary(),
+            **mem.result}
+
+
+class _PairImages(Dataset):
+    """The tutorial recipe's dataset: caption row i -> (decoded, preprocessed image, i)."""
+
+    def __init__(self, paths: list[str], preprocess: Preprocess) -> None:
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.preprocess(load_image(self.paths[i])), i
+
+
+def bench_training(cap: Captioner, paths: list[str], workers: int, budget: Budget) -> dict:
+    """(4) decoder-only steps on in-memory cached features (as ``Trainer`` does) vs recomputing the frozen
+    CNN from JPEGs every step (the common tutorial recipe); same model, batch size and optimizer step."""
+    device, precision = cap.device, cap.precision
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(cap.config).to(device).train()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=4e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    max_len = cap.config.max_len
+    lengths = caption_lengths(EPOCH_CAPTIONS, max_len)
+    tokens = torch.zeros(EPOCH_CAPTIONS, max_len + 2, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = torch.randint(4, cap.config.vocab_size, (n,))
+        tokens[row, 0], tokens[row, n - 1] = cap.vocab.start_id, cap.vocab.end_id
+    pair_image = torch.arange(EPOCH_CAPTIONS) // 5
+    features = torch.randn(EPOCH_CAPTIONS // 5, cap.config.feature_dim)  # the cache, gathered into memory
+    order = torch.randperm(EPOCH_CAPTIONS).split(budget.train_batch)
+
+    def optimise(feats: torch.Tensor, toks: torch.Tensor) -> None:
+        toks = toks[:, : int((toks != 0).sum(1).max())].to(device, non_blocking=True)  # Trainer's _trim
+        with autocast(precision, device):
+            loss, _ = caption_loss(decoder, feats.to(device, non_blocking=True), toks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+        loss.item()  # Trainer logs it every step
+
+    batches = itertools.cycle(order)
+
+    def cached_step() -> None:
+        idx = next(batches)
+        optimise(features[pair_image[idx]], tokens[idx])
+
+    with PeakMemory(device) as mem_cache:
+        cache = timed(cached_step, budget, device, min_repeats=max(5, budget.min_repeats))
+    cache_rate = budget.train_batch / cache.median
+
+    encoder = cap.encoder.eval().requires_grad_(False)
+    need = budget.train_batch * (budget.recompute_steps + 1)
+    loader = DataLoader(_PairImages((paths * (need // len(paths) + 1))[:need], cap.preprocess),
+                        batch_size=budget.train_batch, shuffle=True, num_workers=workers, drop_last=True,
+                        pin_memory=device.type == "cuda")
+    it: Iterator = iter(loader)
+
+    def recompute_step() -> None:
+        pixels, idx = next(it)
+        with torch.no_grad(), autocast(precision, device):
+            feats = encoder(pixels.to(device, non_blocking=True)).float()
+        optimise(feats, tokens[idx])
+
+    with PeakMemory(device) as mem_recompute:
+        recompute = timed(recompute_step, budget, device, warmup=1, min_repeats=budget.recompute_steps,
+                          max_repeats=budget.recompute_steps)
+    del it
+    recompute_rate = budget.train_batch / recompute.median
+    return {
+        "batch": budget.train_batch, "epoch_captions": EPOCH_CAPTIONS, "workers": workers,
+        "cache": {"captions_per_s": cache_rate, "epoch_s": EPOCH_CAPTIONS / cache_rate, **cache.summary(),
+                  **mem_cache.result},
+        "recompute": {"captions_per_s": recompute_rate, "epoch_s": EPOCH_CAPTIONS / recompute_rate,
+                      **recompute.summary(), **mem_recompute.result},
+        "speedup": cache_rate / recompute_rate,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def check(ratios: dict[str, float]) -> dict[str, dict]:
+    out = {}
+    for name, value in ratios.items():
+        op, bound = TARGETS[name]
+        ok = value >= bound if op == ">=" else value <= bound
+        out[name] = {"value": round(value, 3), "target": f"{op} {bound}", "pass": ok}
+    return out
+
+
+def _mem(r: dict) -> str:
+    extra = f" + workers {r['workers_peak_pss_mb']:.0f}" if r.get("workers_peak_pss_mb") else ""
+    cuda = f", CUDA {r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else ""
+    return f"{r['peak_rss_mb']:.0f} (Δ{r['rss_delta_mb']:+.0f}){extra}{cuda}"
+
+
+def table(report: dict) -> str:
+    """The Markdown results table (also what the README shows between the result markers)."""
+    m, r, t = report["machine"], report["results"], report["targets"]
+
+    def verdict(name: str) -> str:
+        if name not in t:
+            return ""
+        return f"{t[name]['value']:.2f}× ({t[name]['target']}×) **{'PASS' if t[name]['pass'] else 'MISS'}**"
+
+    rows = ["| measurement | result | vs target | peak memory MB |", "|---|---|---|---|"]
+    for key, res in r.get("encoder", {}).items():
+        rows.append(f"| (1) encoder {key} forward | {res['images_per_s']:.1f} img/s "
+                    f"({res['median_s'] * 1e3:.1f} ms/batch) | | {_mem(res)} |")
+    names = {"greedy": "stream_greedy_vs_encoder", "beam3": "stream_beam3_vs_encoder"}
+    for key, res in r.get("stream", {}).items():
+        rows.append(f"| (2) `stream` {key}, batch {res['batch']}, {res['workers']} workers | "
+                    f"{res['images_per_s']:.1f} img/s ({res['mean_caption_words']:.1f} words/caption) | "
+                    f"{verdict(names.get(key, ''))} | {_mem(res)} |")
+    if "latency" in r:
+        res = r["latency"]
+        rows.append(f"| (3) `caption(path)` latency | p50 {res['p50_s'] * 1e3:.1f} ms, p95 {res['p95_s'] * 1e3:.1f} ms | "
+                    f"{verdict('latency_p50_vs_encoder_b1')} | {_mem(res)} |")
+    if "training" in r:
+        tr = r["training"]
+        for key, label in (("cache", "from feature cache"), ("recompute", "recompute CNN per step")):
+            res = tr[key]
+            rows.append(f"| (4) training {label}, batch {tr['batch']} | {res['captions_per_s']:.0f} captions/s, "
+                        f"{res['epoch_s']:.0f} s/epoch | {verdict('train_cache_vs_recompute') if key == 'cache' else ''} "
+                        f"| {_mem(res)} |")
+    head = (f"{'QUICK (not comparable) — ' if report['quick'] else ''}{m['device']}, {m['cpu']}, {m['cores']} cores, "
+            f"torch {m['torch']} with {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}, "
+            f"precision {report['precision']}; "
+            f"checkpoint `{report['checkpoint']}`; images: {report['images']}; load average at start "
+            f"{m['load_avg_start']:.2f}; {report['date']}.")
+    if m["load_avg_start"] > 0.5 * m["cores"]:
+        head += (f"\n\n**Warning: the machine was busy (load {m['load_avg_start']:.1f} on {m['cores']} cores); "
+                 "these numbers are not representative.**")
+    return head + "\n\n" + "\n".join(rows)
+
+
+def write_readme(readme: Path, device: str, text: str) -> None:
+    """Replace the block between ``<!-- results:DEV -->`` and ``<!-- /results:DEV -->`` (appended if absent)."""
+    start, end = f"<!-- results:{device} -->", f"<!-- /results:{device} -->"
+    body = readme.read_text() if readme.is_file() else "# captioner benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in body and end in body:
+        before, rest = body.split(start, 1)
+        body = before + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip("\n") + f"\n\n## Results: {device}\n\n{block}\n"
+    readme.write_text(body)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--quick", action="store_true", help="tiny counts, for checking the script (numbers are noise)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory (default: the bundled model); 'synthetic' builds an untrained one")
+    parser.add_argument("--images", type=Path, default=FLICKR8K / "images", help="folder of JPEGs (else generated)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for stream and the recompute recipe")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--only", default="encoder,stream,latency,training", help="comma-separated subset")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="README to update (default benchmarks/README.md; with --quick only when given)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget, only = (QUICK if args.quick else FULL), set(args.only.split(","))
+    checkpoint = synthetic_checkpoint() if args.checkpoint == "synthetic" else Path(args.checkpoint or default_checkpoint())
+    if not checkpoint.is_dir():
+        parser.error(f"{checkpoint}: no checkpoint; pass --checkpoint DIR (e.g. a run's best/) or --checkpoint synthetic")
+    cap = Captioner.from_pretrained(checkpoint, device=args.device)
+    device, size = cap.device, cap.config.encoder.image_size
+    paths, source = image_paths(args.images, max(budget.stream_images, budget.train_batch * (budget.recompute_steps + 1)))
+    warm_page_cache(paths)
+    report: dict = {"quick": args.quick, "checkpoint": "synthetic (untrained)" if args.checkpoint == "synthetic" else str(checkpoint),
+                    "encoder": cap.config.encoder.name, "precision": cap.precision, "images": source,
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "budget": asdict(budget), "machine": machine(device),
+                    "results": {}}
+    results, ratios = report["results"], {}
+    print(f"# {report['machine']}\n# checkpoint {report['checkpoint']}, precision {cap.precision}, images {source}")
+
+    def show(name: str, value: dict) -> None:
+        def rounded(x):
+            return {k: rounded(v) for k, v in x.items()} if isinstance(x, dict) else round(x, 4) if isinstance(x, float) else x
+        print(f"{name}: {json.dumps(rounded(value))}", flush=True)
+
+    if only & {"encoder", "stream", "latency"}:
+        enc = results["encoder"] = {}
+        for batch in (1, budget.stream_batch):
+            enc[f"{cap.config.encoder.name} b{batch}"] = bench_encoder(cap.encoder, size, batch, cap.precision, device, budget)
+            show(f"encoder {cap.config.encoder.name} b{batch}", enc[f"{cap.config.encoder.name} b{batch}"])
+        if "encoder" in only and cap.config.encoder.name != "resnet50":
+            resnet, _ = build_encoder(EncoderConfig("resnet50", "none", size))
+            resnet = resnet.to(device).eval()
+            for batch in (1, budget.stream_batch):
+                enc[f"resnet50 b{batch}"] = bench_encoder(resnet, size, batch, cap.precision, device, budget)
+                show(f"encoder resnet50 b{batch}", enc[f"resnet50 b{batch}"])
+            del resnet
+        base_b1 = enc[f"{cap.config.encoder.name} b1"]
+        base_big = enc[f"{cap.config.encoder.name} b{budget.stream_batch}"]
+    if "stream" in only:
+        stream = results["stream"] = {}
+        for key, config in (("greedy", cap.decode_config()), ("beam3", cap.decode_config(strategy="beam", beam_size=3)),
+                            ("sample", cap.decode_config(strategy="sample", seed=0))):
+            stream[key] = bench_stream(cap, paths[: budget.stream_images], config, args.workers, budget)
+            show(f"stream {key}", stream[key])
+        ratios["stream_greedy_vs_encoder"] = stream["greedy"]["images_per_s"] / base_big["images_per_s"]
+        ratios["stream_beam3_vs_encoder"] = stream["beam3"]["images_per_s"] / base_big["images_per_s"]
+    if "latency" in only:
+        results["latency"] = bench_latency(cap, paths, budget)
+        show("latency", results["latency"])
+        ratios["latency_p50_vs_encoder_b1"] = results["latency"]["p50_s"] / base_b1["median_s"]
+    if "training" in only:
+        results["training"] = bench_training(cap, paths, args.workers, budget)
+        show("training", results["training"])
+        ratios["train_cache_vs_recompute"] = results["training"]["speedup"]
+    report["machine"]["load_avg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    report["targets"] = check(ratios)
+    for name, res in report["targets"].items():
+        print(f"{'PASS' if res['pass'] else 'MISS'}  {name} = {res['value']:.2f} (target {res['target']})")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"{device.type}{'.quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    readme = args.readme or (None if args.quick else REPO / "benchmarks" / "README.md")
+    if readme is not None:
+        write_readme(readme, device.type, table(report))
+        print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
