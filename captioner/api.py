@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode
 from .encoder import Encoder
 from .images import ImageSource, load_image
-from .model import CaptionDecoder
+from .model import CaptionDecoder, EnsembleDecoder, build_decoder
 from .runtime import autocast, resolve_device, resolve_precision
 
 BUNDLED = "flickr8k-mobilenet_v2-lstm"
@@ -51,7 +51,7 @@ class ImageResult:
 class Captioner:
     """A loaded model: encoder + decoder + vocabulary + preprocessing, on one device."""
 
-    def __init__(self, encoder: Encoder, decoder: CaptionDecoder, vocab: Vocab, config: ModelConfig,
+    def __init__(self, encoder: Encoder, decoder: CaptionDecoder | EnsembleDecoder, vocab: Vocab, config: ModelConfig,
                  device: str = "auto", precision: str = "auto") -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -65,7 +65,7 @@ class Captioner:
                         precision: str = "auto") -> "Captioner":
         """Load a checkpoint directory (a run's ``best/``, or the bundled model when ``path`` is None)."""
         loaded = load_checkpoint(default_checkpoint() if path is None else Path(path))
-        decoder = CaptionDecoder(loaded.config)
+        decoder = build_decoder(loaded.config)
         try:
             decoder.load_state_dict(loaded.decoder_state)
         except RuntimeError as err:

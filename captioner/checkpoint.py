@@ -157,18 +157,30 @@ def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_tensors(directory / STATE_TENSORS), _read_json(directory / STATE_JSON)
 
 
-def export_checkpoint(source: Path, target: Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Copy a checkpoint (e.g. a run's ``best/``) into a plain, self-contained directory for shipping:
-    encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer state."""
-    loaded = load_checkpoint(source)
-    tensors = {f"decoder.{k}": v for k, v in loaded.decoder_state.items()}
-    tensors |= {f"encoder.{k}": v for k, v in loaded.encoder.state_dict().items()}
+def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy checkpoints (e.g. runs' ``best/``) into one plain, self-contained directory for shipping:
+    encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer
+    state. Several sources of one architecture, vocabulary and encoder become an ensemble."""
+    loaded = [load_checkpoint(s) for s in sources]
+    first = loaded[0]
+    for other in loaded[1:]:
+        if other.vocab.words != first.vocab.words:
+            raise CheckpointError(f"{other.directory}: vocabulary differs from {first.directory}'s")
+        if {**other.config.to_json(), "members": 1} != {**first.config.to_json(), "members": 1} or other.config.members != 1:
+            raise CheckpointError(f"{other.directory}: architecture or encoder differs from {first.directory}'s")
+    config = first.config
+    if len(loaded) == 1:
+        tensors = {f"decoder.{k}": v for k, v in first.decoder_state.items()}
+    else:
+        config = ModelConfig.from_json({**config.to_json(), "members": len(loaded)})
+        tensors = {f"decoder.members.{i}.{k}": v for i, m in enumerate(loaded) for k, v in m.decoder_state.items()}
+    tensors |= {f"encoder.{k}": v for k, v in first.encoder.state_dict().items()}
     target = Path(target)
     work = target.with_name(target.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    _write(work, loaded.config, loaded.vocab, tensors, dtype)
+    _write(work, config, first.vocab, tensors, dtype)
     if target.exists():
         shutil.rmtree(target)
     os.rename(work, target)

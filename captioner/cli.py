@@ -231,7 +231,8 @@ def _cmd_gradflow(args) -> int:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="copy a checkpoint into a self-contained directory for shipping")
-    p.add_argument("checkpoint", type=Path, help="e.g. RUN_DIR/best")
+    p.add_argument("checkpoints", type=Path, nargs="+",
+                   help="e.g. RUN_DIR/best; several runs of one architecture become an ensemble")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="storage type of the weights (loading always computes in float32)")
@@ -240,7 +241,7 @@ def _add_export(sub) -> None:
 def cmd_export(args) -> int:
     import torch
     from captioner.checkpoint import export_checkpoint
-    target = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    target = export_checkpoint(args.checkpoints, args.out, getattr(torch, args.dtype))
     size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
     print(f"wrote {target} ({size:.1f} MB, {args.dtype})")
     return 0

@@ -22,11 +22,12 @@ class ModelConfig:
     dropout: float = 0.5
     feed_image: bool = False  # also feed the projected image as the first input step (Show and Tell)
     max_len: int = 30  # longest caption (tokens, without <start>/<end>) used in training
+    members: int = 1  # >1: an ensemble of this many decoders of this architecture (``captioner export``)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
-        if self.layers < 1 or self.hidden < 1 or self.embed < 1 or self.vocab_size < 5:
+        if self.layers < 1 or self.hidden < 1 or self.embed < 1 or self.vocab_size < 5 or self.members < 1:
             raise ValueError(f"invalid model sizes: {self}")
 
     @property

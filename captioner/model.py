@@ -8,6 +8,8 @@ teacher-forced training and every decoding strategy.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -97,6 +99,37 @@ class CaptionDecoder(nn.Module):
             x = h
         new_state = (torch.stack(hs), torch.stack(cs)) if cfg.cell == "lstm" else (torch.stack(hs),)
         return self.out(x), new_state
+
+class EnsembleDecoder(nn.Module):
+    """Decoders of one architecture (e.g. trained with different seeds) decoding together.
+
+    Why: averaging the members' next-word probabilities is the cheapest reliable gain in caption
+    quality; it plugs into every decoding strategy because it offers the same ``init_state``/``step``.
+    The state is the members' state tuples concatenated; ``step`` returns log of the mean probability.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(CaptionDecoder(config) for _ in range(config.members))
+        self.n_states = 2 if config.cell == "lstm" else 1
+
+    def init_state(self, features: torch.Tensor) -> State:
+        return tuple(s for m in self.members for s in m.init_state(features))
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        k, logps, new_state = self.n_states, [], []
+        for i, member in enumerate(self.members):
+            logits, s = member.step(tokens, state[i * k:(i + 1) * k])
+            logps.append(torch.log_softmax(logits.float(), dim=-1))
+            new_state.extend(s)
+        return torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(self.members)), tuple(new_state)
+
+
+def build_decoder(config: ModelConfig) -> CaptionDecoder | EnsembleDecoder:
+    """The decoder a checkpoint's config describes: one decoder, or an ensemble of ``members``."""
+    return CaptionDecoder(config) if config.members == 1 else EnsembleDecoder(config)
+
 
 def caption_loss(decoder: nn.Module, features: torch.Tensor, tokens: torch.Tensor,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:

@@ -8,6 +8,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,11 @@ def test_cli_missing_checkpoint_directory(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == 2
     assert err.strip() == f"captioner caption: error: {tmp_path / 'nope'}: checkpoint directory not found"
+
+
+def test_export_of_two_runs_is_an_ensemble_that_loads_offline(trained_run, tmp_path):
+    out = tmp_path / "ensemble"
+    assert main(["export", str(trained_run / "best"), str(trained_run / "last"), "--out", str(out)]) == 0
+    assert load_checkpoint(out).config.members == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert isinstance(Captioner.from_pretrained(out).caption(np.zeros((32, 32, 3), dtype=np.uint8)), str)

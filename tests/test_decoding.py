@@ -140,3 +140,15 @@ def test_top_p_keeps_the_nucleus_only():
 def test_invalid_options_are_rejected(bad):
     with pytest.raises(ValueError):
         DecodeConfig(**bad)
+
+
+def test_ensemble_of_identical_members_decodes_like_the_single_model(decoder, feats):
+    from captioner.model import EnsembleDecoder
+    config = ModelConfig.from_json({**decoder.config.to_json(), "members": 2})
+    ensemble = EnsembleDecoder(config).eval()
+    for member in ensemble.members:
+        member.load_state_dict(decoder.state_dict())
+    options = DecodeConfig(strategy="beam", beam_size=3, num_return=2, max_len=12)
+    single, double = decode(decoder, feats, options), decode(ensemble, feats, options)
+    assert [[h.tokens for h in x] for x in single] == [[h.tokens for h in x] for x in double]
+    assert [h.logprob for x in single for h in x] == pytest.approx([h.logprob for x in double for h in x], abs=1e-4)
