@@ -20,7 +20,7 @@ import gradio as gr
 from captioner.api import Captioner
 from captioner.decoding import STRATEGIES
 from captioner.errors import USER_ERRORS
-from captioner.images import ImageLoadError, load_image
+from captioner.images import ImageLoadError
 
 ROOT = Path(__file__).resolve().parent
 GRADFLOW_PNG = ROOT / "docs" / "gradflow.png"
@@ -65,12 +65,11 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         # Greedy has exactly one answer, so the count slider only matters for sample and beam.
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count)
-        pixels = captioner.preprocess(load_image(upload["path"]))[None]
+        nbest = captioner.nbest([upload["path"]], config)[0]
     except ImageLoadError as err:  # name the file as the user knows it, not by gradio's cache path
         raise gr.Error(f"{upload.get('orig_name') or 'upload'}: {err.reason}", print_exception=False) from None
     except (TypeError, ValueError) as err:
         raise gr.Error(str(err), print_exception=False) from None
-    nbest = captioner.generate(captioner.encode(pixels), config)[0]
     return nbest[0]["caption"], [[i + 1, h["caption"], h["logprob"], h["score"]] for i, h in enumerate(nbest)]
 
 

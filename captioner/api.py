@@ -103,12 +103,15 @@ class Captioner:
         gives a list of them. An unusable image raises ``ImageLoadError`` naming it.
         """
         single = not isinstance(images, (list, tuple))
-        batch = [images] if single else list(images)
         config = self.decode_config(**options)
-        pixels = torch.stack([self.preprocess(load_image(src)) for src in batch])
-        nbest = self.generate(self.encode(pixels), config)
+        nbest = self.nbest([images] if single else list(images), config)
         results = [n[0]["caption"] if config.num_return == 1 else n for n in nbest]
         return results[0] if single else results
+
+    def nbest(self, images: Sequence[ImageSource], config: DecodeConfig) -> list[list[dict]]:
+        """Per image, the n-best ``{"caption", "tokens", "logprob", "score"}`` dicts, best first."""
+        pixels = torch.stack([self.preprocess(load_image(src)) for src in images])  # (B, 3, H, W)
+        return self.generate(self.encode(pixels), config)
 
     def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32,
                workers: int = 2) -> Iterator[ImageResult]:
