@@ -71,17 +71,12 @@ def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list
                              batch_size: int = 256) -> dict[int, str]:
     """Same decoding on the data directory's cached features (no CNN pass): for fast model selection.
     The cache must come from the checkpoint's own encoder, weights and image size."""
-    import numpy as np
-    import torch
-
     from data_prep.features import FeatureCache, cache_dir
 
-    directory = cache_dir(data_dir, captioner.config.encoder)
-    cache = FeatureCache(directory)
-    feats = np.asarray(cache.features[cache.rows([r.id for r in records])], dtype=np.float32)
+    feats = FeatureCache(cache_dir(data_dir, captioner.config.encoder)).gather([r.id for r in records])  # (N, D)
     out: dict[int, str] = {}
     for i in range(0, len(records), batch_size):
-        nbest = captioner.generate(torch.from_numpy(feats[i:i + batch_size]), config)
+        nbest = captioner.generate(feats[i:i + batch_size], config)
         out |= {r.id: n[0]["caption"] for r, n in zip(records[i:i + batch_size], nbest)}
     return out
 

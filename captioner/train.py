@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -261,8 +260,8 @@ class Trainer:
             if cache.encoder.feature_dim != self.model_config.feature_dim:
                 raise DatasetError(f"{directory}: features have dim {cache.encoder.feature_dim}, model expects "
                                    f"{self.model_config.feature_dim}")
-            self.train_feats = self._gather(cache, self.train_caps.image_ids)
-            self.val_feats = self._gather(cache, self.val_caps.image_ids)
+            self.train_feats = cache.gather(self.train_caps.image_ids)  # (N_train, D)
+            self.val_feats = cache.gather(self.val_caps.image_ids)
 
     @staticmethod
     def _cache_complete(directory: Path) -> bool:
@@ -271,10 +270,6 @@ class Trainer:
             return True
         except (DatasetError, FileNotFoundError):
             return False
-
-    @staticmethod
-    def _gather(cache: FeatureCache, ids: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(cache.features[cache.rows(ids)], dtype=np.float32))  # (N, D)
 
     def _build_optimizer(self) -> None:
         cfg = self.config

@@ -77,6 +77,10 @@ class FeatureCache:
                                "the manifest changed since the cache was built; rebuild it")
         return np.array([self.row[i] for i in ids], dtype=np.int64)
 
+    def gather(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), D) float32 features of these images, in this order, in memory."""
+        return torch.from_numpy(np.asarray(self.features[self.rows(ids)], dtype=np.float32))
+
 
 def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, device: str = "auto",
                    workers: int = 2) -> Path:
