@@ -14,6 +14,7 @@ against the targets. Results go to ``benchmarks/results/<device>.json`` and a Ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import atexit
 import itertools
 import json
@@ -494,12 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--only", default="encoder,stream,latency,training", help="comma-separated subset")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="minimum seconds per timing loop (default 10; fewer suffice on a GPU)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="README to update (default benchmarks/README.md; with --quick only when given)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     budget, only = (QUICK if args.quick else FULL), set(args.only.split(","))
+    if args.seconds is not None:
+        budget = dataclasses.replace(budget, seconds=args.seconds)
     checkpoint = synthetic_checkpoint() if args.checkpoint == "synthetic" else Path(args.checkpoint or default_checkpoint())
     if not checkpoint.is_dir():
         parser.error(f"{checkpoint}: no checkpoint; pass --checkpoint DIR (e.g. a run's best/) or --checkpoint synthetic")

@@ -10,6 +10,7 @@ alone validates and writes.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -141,7 +142,33 @@ def _check_writable(out: Path) -> None:
         probe.write_bytes(b"x" * 1024)
         probe.unlink()
     except OSError as err:
-        raise TrainingError(f"{out}: output directory is not writable ({err.strerror}); nothing was trained") from None
+        problem = "not enough free space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "output directory is not writable"
+        raise TrainingError(f"{out}: {problem} ({err.strerror}); nothing was trained") from None
+
+
+def _check_free_space(out: Path, modules: list[nn.Module], trainable: list[nn.Module]) -> None:
+    """Fail now, not after an epoch, when ``out`` cannot hold the checkpoints this run will write.
+
+    ``last/`` holds every weight plus two AdamW moments per trainable weight (float32); while it is
+    replaced, old and new versions coexist, and ``best/`` holds the weights again: about three times
+    ``last/``. The space is reserved for real with ``posix_fallocate`` (then released), so a full disk
+    or a quota is caught whatever the file system reports as free.
+    """
+    weights = sum(p.numel() for m in modules for p in m.state_dict().values()) * 4
+    moments = sum(p.numel() for m in trainable for p in m.parameters()) * 8
+    need = 3 * (weights + moments) + (1 << 20)
+    probe = out / ".space_probe"
+    try:
+        with open(probe, "wb") as fh:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fh.fileno(), 0, need)
+            else:  # pragma: no cover - non-POSIX
+                fh.truncate(need)
+    except OSError as err:
+        raise TrainingError(f"{out}: not enough free space for this run's checkpoints (about {need / 1e6:.0f} MB "
+                            f"needed; {err.strerror}); nothing was trained") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -207,6 +234,9 @@ class Trainer:
             self.model_config = ModelConfig.from_json({**base.to_json(), "vocab_size": len(self.vocab),
                                                        "encoder": enc_cfg.to_json(), "max_len": max_len})
             self.decoder = CaptionDecoder(self.model_config)
+        if self.rank == 0:
+            _check_free_space(self.out, [self.decoder, self.encoder],
+                              [self.decoder] + ([self.encoder] if self.config.finetune_encoder else []))
         self._prepare_data()
         self._build_optimizer()
         if resume:
@@ -458,5 +488,9 @@ class Trainer:
             optim_tensors, optim_meta = _optimizer_tensors(self.optimizer)
             tensors = {**optim_tensors, **_rng_tensors()}
             meta = {"optimizer": optim_meta, "train_state": asdict(self.state)}
-        save_checkpoint(self.out / name, self.model_config, self.vocab, self.decoder,
-                        getattr(self.encoder, "module", self.encoder), tensors, meta)
+        try:
+            save_checkpoint(self.out / name, self.model_config, self.vocab, self.decoder,
+                            getattr(self.encoder, "module", self.encoder), tensors, meta)
+        except OSError as err:
+            raise TrainingError(f"{self.out / name}: could not write the checkpoint ({err.strerror}); the previous "
+                                f"one is intact, continue with --resume once there is space") from None
