@@ -37,6 +37,21 @@ def test_bad_upload_is_a_clear_error_and_the_server_keeps_serving(app_server, ba
     assert best.strip()
 
 
+def test_oversized_upload_is_refused_by_the_server(app_server, good_image, tmp_path) -> None:
+    """The 20 MB limit is enforced by the server on the upload itself, whatever the client sends."""
+    import httpx
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(21 * 1024 * 1024))
+    with open(big, "rb") as fh:
+        reply = httpx.post(f"{app_server.url.rstrip('/')}/gradio_api/upload", files={"files": ("huge.png", fh)},
+                           timeout=60)
+    assert reply.status_code == 413 and "20" in reply.text  # refused, and the reply names the limit
+    with pytest.raises(Exception, match="(?i)size|large|413"):
+        client(app_server.url).predict(handle_file(str(big)), *BEAM3, api_name="/caption")
+    best, _ = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, api_name="/caption")
+    assert best.strip()  # still serving
+
+
 @pytest.mark.parametrize("options, reason", [(("beam", 1.0, 1.0, 2, 5), r"num_return \(5\) cannot exceed beam_size"),
                                              (("beam", 1.0, 1.0, 500, 1), "beam size is limited to 10"),
                                              (("sample", 0.0, 1.0, 3, 1), "need temperature > 0")])
