@@ -303,7 +303,7 @@ def bench_stream(cap: Captioner, paths: list[str], config: DecodeConfig, workers
         timing = timed(lambda: lengths.extend(run(paths)), budget, cap.device, warmup=0,
                        min_repeats=budget.stream_repeats)
     return {"strategy": config.strategy, "beam_size": config.beam_size if config.strategy == "beam" else None,
-            "images": len(paths), "batch": budget.stream_batch, "workers": workers,
+            "images": len(paths), "batch": budget.stream_batch, "workers": cap.loader_workers(workers),
             "images_per_s": len(paths) / timing.median, **timing.summary(),
             "mean_caption_words": statistics.fmean(lengths), **mem.result}
 

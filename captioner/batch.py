@@ -172,7 +172,8 @@ def image_ids(paths: list[str], data_dir: Path | None) -> dict[str, int]:
 
 
 def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, out: Path | None, fmt: str,
-                  resume: bool = False, data_dir: Path | None = None, batch_size: int = 32, workers: int = 2) -> dict:
+                  resume: bool = False, data_dir: Path | None = None, batch_size: int = 32, workers: int = 2,
+                  decode_batch: int = 128) -> dict:
     """Caption every input not already in the output; return a summary with counts and failures."""
     sink = Sink(out, fmt, resume)
     ids = image_ids(inputs.files, data_dir) if fmt == "coco" else {}
@@ -181,7 +182,7 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     bar = tqdm(total=len(todo), desc="captioning", unit="img", mininterval=1, disable=out is None)
     complete = False
     try:
-        for result in captioner.stream(todo, config, batch_size, workers):
+        for result in captioner.stream(todo, config, batch_size, workers, decode_batch):
             if result.error is None and fmt == "coco" and result.source not in ids:
                 result = ImageResult(result.source, [], "no image id (give --data DATA_DIR, or use COCO's numeric file names)")
             sink.write(_record(result, ids.get(result.source)))

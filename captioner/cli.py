@@ -165,6 +165,9 @@ def _add_caption(sub) -> None:
     p.add_argument("--format", choices=FORMATS, help="jsonl, csv or coco (default: from the -o suffix)")
     p.add_argument("--data", type=Path, help="data directory whose manifest gives COCO image ids")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its output file")
+    p.add_argument("--decode-batch", type=int, default=128,
+                   help="images whose features are decoded together (larger: faster on a CPU; results are "
+                        "written, and kept by --resume, in groups of this size)")
     _add_decode_args(p)
 
 
@@ -177,7 +180,7 @@ def cmd_caption(args) -> int:
     if fmt == "coco" and args.output is None:
         raise ValueError("--format coco needs -o FILE.json")
     summary = caption_files(captioner, expand_inputs(args.images), config, args.output, fmt, args.resume,
-                            args.data, args.batch_size, args.workers)
+                            args.data, args.batch_size, args.workers, args.decode_batch)
     for failure in summary["failed"]:
         print(f"error: {failure['path']}: {failure['error']}", file=sys.stderr)
     print(f"captioned {summary['captioned']} of {summary['images']} image(s)"

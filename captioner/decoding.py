@@ -82,6 +82,20 @@ def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state: State) -> tuple[
     return torch.log_softmax(logits.float(), dim=-1), state  # (N, V)
 
 
+def _step_unfinished(decoder: CaptionDecoder, tokens: torch.Tensor, state: State,
+                     finished: torch.Tensor) -> tuple[torch.Tensor, State]:
+    """``_step`` for the unfinished rows only: most of a batch ends well before its longest caption,
+    and a finished row's next distribution is fixed anyway. Finished rows get placeholder log-probs
+    (``_freeze_finished`` overwrites them) and keep their old state."""
+    if not finished.any():
+        return _step(decoder, tokens, state)
+    active = (~finished).nonzero()[:, 0]
+    logp_active, new = _step(decoder, tokens[active], tuple(s.index_select(1, active) for s in state))
+    logp = logp_active.new_zeros((tokens.shape[0], logp_active.shape[1]))
+    logp[active] = logp_active
+    return logp, tuple(s.index_copy(1, active, n.to(s.dtype)) for s, n in zip(state, new))
+
+
 def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Finished rows may only continue with <pad>, at no cost."""
     if finished.any():
@@ -129,7 +143,7 @@ def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfi
     if config.strategy == "sample" and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     for _ in range(config.max_len):
-        logp, state = _step(decoder, prev, state)
+        logp, state = _step_unfinished(decoder, prev, state, finished)
         logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
         if config.strategy == "greedy":
             nxt = logp.argmax(-1)
@@ -178,7 +192,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     base = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
     for _ in range(config.max_len):
-        logp, state = _step(decoder, prev, state)  # (B*k, V)
+        logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*k, V)
         logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
         v = logp.shape[-1]
         cand = logprob[:, :, None] + logp.view(b, k, v)  # (B, k, V)

@@ -107,6 +107,16 @@ def test_batched_and_one_by_one_beam_identical(decoder, feats):
     assert flat(batched) == pytest.approx(flat(single), abs=1e-5)
 
 
+def test_batched_greedy_skips_finished_rows_without_changing_results(decoder, feats):
+    """Rows that finished early are left out of later steps; the others must not notice."""
+    config = DecodeConfig(strategy="greedy", max_len=12)
+    batched = decode(decoder, feats, config)
+    single = [decode(decoder, feats[i:i + 1], config)[0] for i in range(len(feats))]
+    assert len({len(x[0].tokens) for x in batched}) > 1  # captions end at different steps
+    assert [x[0].tokens for x in batched] == [x[0].tokens for x in single]
+    assert [x[0].logprob for x in batched] == pytest.approx([x[0].logprob for x in single], abs=1e-5)
+
+
 def test_no_repeat_ngram_blocks_repeats(decoder, feats):
     for strategy in ("greedy", "beam"):
         out = decode(decoder, feats, DecodeConfig(strategy=strategy, no_repeat_ngram=2, max_len=20))

@@ -72,7 +72,7 @@ def test_sigkill_during_batch_captioning_then_resume_captions_each_image_once(tr
             folder / f"img_{i:03d}.jpg")
     out = tmp_path / "captions.jsonl"
     args = ["caption", str(folder), "-o", str(out), "--checkpoint", str(trained_run / "best"), "--batch-size", "2",
-            "--workers", "0"]
+            "--decode-batch", "2", "--workers", "0"]
     proc = _start(args)
     _wait_for(lambda: out.exists() and out.read_text().count("\n") >= 5)
     proc.send_signal(signal.SIGKILL)

@@ -240,6 +240,19 @@ def test_stream_reports_bad_files_and_captions_the_rest(captioner, good, bad):
     assert results[0].caption and results[2].caption
 
 
+@pytest.mark.parametrize("decode_batch", [1, 3, 128])
+def test_stream_pools_features_without_reordering_or_changing_results(captioner, good, bad, decode_batch):
+    """Features of several encoder batches are decoded together; order and captions stay as one by one."""
+    paths = [str(good["photo"]), str(bad["truncated"]), str(good["cmyk"]), str(good["photo"]), str(bad["text"]),
+             str(good["cmyk"]), str(good["photo"])]
+    config = captioner.decode_config(strategy="beam", beam_size=3)
+    results = list(captioner.stream(paths, config, batch_size=2, workers=0, decode_batch=decode_batch))
+    assert [r.source for r in results] == paths
+    assert [r.error is None for r in results] == [True, False, True, True, False, True, True]
+    assert [r.caption for r in results if r.error is None] == captioner.caption(
+        [p for p, r in zip(paths, results) if r.error is None], strategy="beam", beam_size=3)
+
+
 def test_file_descriptors_are_not_leaked(good, bad):
     fd_dir = Path("/proc/self/fd")
     if not fd_dir.is_dir():
