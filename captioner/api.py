@@ -81,7 +81,7 @@ class Captioner:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, D) float32 features."""
         with autocast(self.precision, self.device):
-            return self.encoder(pixels.to(self.device, non_blocking=True)).float()
+            return self.encoder.encode(pixels.to(self.device, non_blocking=True)).float()
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, config: DecodeConfig) -> list[list[dict]]:
@@ -121,7 +121,7 @@ class Captioner:
         return max(0, min(requested, (os.cpu_count() or 1) - torch.get_num_threads()))
 
     def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32, workers: int = 2,
-               decode_batch: int = 128) -> Iterator[ImageResult]:
+               decode_batch: int = 256) -> Iterator[ImageResult]:
         """Caption image files in order: JPEG decoding in worker processes, the encoder in batches of
         ``batch_size``, the decoder over the features of ``decode_batch`` images at a time.
 

@@ -173,7 +173,7 @@ def image_ids(paths: list[str], data_dir: Path | None) -> dict[str, int]:
 
 def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, out: Path | None, fmt: str,
                   resume: bool = False, data_dir: Path | None = None, batch_size: int = 32, workers: int = 2,
-                  decode_batch: int = 128) -> dict:
+                  decode_batch: int = 256) -> dict:
     """Caption every input not already in the output; return a summary with counts and failures."""
     sink = Sink(out, fmt, resume)
     ids = image_ids(inputs.files, data_dir) if fmt == "coco" else {}

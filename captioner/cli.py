@@ -165,7 +165,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--format", choices=FORMATS, help="jsonl, csv or coco (default: from the -o suffix)")
     p.add_argument("--data", type=Path, help="data directory whose manifest gives COCO image ids")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its output file")
-    p.add_argument("--decode-batch", type=int, default=128,
+    p.add_argument("--decode-batch", type=int, default=256,
                    help="images whose features are decoded together (larger: faster on a CPU; results are "
                         "written, and kept by --resume, in groups of this size)")
     _add_decode_args(p)

@@ -83,8 +83,24 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
 
+    #: images per CNN call in ``encode`` on a CPU. Why: convolutions there run fastest on channels-last
+    #: tensors of a few images (mobilenet_v2 on 2 cores: 61 img/s at 4 images, 38 at 32; 17 img/s at 32
+    #: in the default contiguous layout), while a GPU wants the whole batch at once.
+    CPU_CHUNK = 4
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels).flatten(1)  # (B, D)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Inference forward, laid out for speed: on a CPU channels-last, ``CPU_CHUNK`` images per call.
+        Same features as ``forward`` up to float rounding."""
+        if pixels.device.type != "cpu":
+            return self(pixels)
+        if not getattr(self, "_channels_last", False):
+            self.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        x = pixels.contiguous(memory_format=torch.channels_last)
+        return torch.cat([self(chunk) for chunk in x.split(self.CPU_CHUNK)])
 
 
 def _strip_head(model: nn.Module, name: str) -> nn.Module:

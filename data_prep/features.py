@@ -122,7 +122,7 @@ def encode_into(encoder: Encoder, dev: torch.device, paths: list[str], preproces
         for idx, pixels, errors in loader:
             if errors:
                 raise DatasetError(f"cannot encode {errors[0][1]}; re-run `captioner prepare` to skip bad images")
-            feats = encoder(pixels.to(dev, non_blocking=True)).float().cpu().numpy()
+            feats = encoder.encode(pixels.to(dev, non_blocking=True)).float().cpu().numpy()
             array[idx] = feats.astype(np.float16)  # idx: absolute row numbers, in order
             array.flush()
             done = idx[-1] + 1
