@@ -449,7 +449,7 @@ class Trainer:
         from data_prep.features import collate_images
         loader = DataLoader(images, batch_size=64, num_workers=self.config.workers, collate_fn=collate_images)
         encoder = getattr(self.encoder, "module", self.encoder)
-        return torch.cat([encoder.encode(px.to(self.device)).float().cpu() for _, px, _ in loader])
+        return torch.cat([encoder(px.to(self.device)).float().cpu() for _, px, _ in loader])
 
     def _end_epoch(self, metrics: dict) -> bool:
         """Record metrics, keep best/ and last/, decide early stopping (broadcast from rank 0)."""
