@@ -45,7 +45,7 @@ from captioner.decoding import DecodeConfig  # noqa: E402
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.model import CaptionDecoder, caption_loss  # noqa: E402
-from captioner.runtime import autocast  # noqa: E402
+from captioner.runtime import autocast, loader_workers  # noqa: E402
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 EPOCH_CAPTIONS = 30_000  # Flickr8k train split: 6,000 images x 5 captions
@@ -307,7 +307,7 @@ def bench_stream(cap: Captioner, paths: list[str], config: DecodeConfig, workers
         timing = timed(lambda: lengths.extend(run(paths)), budget, cap.device, warmup=0,
                        min_repeats=budget.stream_repeats)
     return {"strategy": config.strategy, "beam_size": config.beam_size if config.strategy == "beam" else None,
-            "images": len(paths), "batch": budget.stream_batch, "workers": cap.loader_workers(workers),
+            "images": len(paths), "batch": budget.stream_batch, "workers": loader_workers(workers, cap.device),
             "images_per_s": len(paths) / timing.median, **timing.summary(),
             "mean_caption_words": statistics.fmean(lengths), **mem.result}
 

@@ -24,7 +24,7 @@ from .decoding import DecodeConfig, Hypothesis, decode
 from .encoder import Encoder
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 
 BUNDLED = "flickr8k-mobilenet_v2-lstm"
 REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -113,13 +113,6 @@ class Captioner:
         pixels = torch.stack([self.preprocess(load_image(src)) for src in images])  # (B, 3, H, W)
         return self.generate(self.encode(pixels), config)
 
-    def loader_workers(self, requested: int) -> int:
-        """Image-decoding worker processes worth starting: all requested on a GPU; on a CPU only as many
-        as there are cores beyond torch's intra-op threads."""
-        if self.device.type != "cpu":
-            return requested
-        return max(0, min(requested, (os.cpu_count() or 1) - torch.get_num_threads()))
-
     def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32, workers: int = 2,
                decode_batch: int = 256) -> Iterator[ImageResult]:
         """Caption image files in order: JPEG decoding in worker processes, the encoder in batches of
@@ -129,11 +122,10 @@ class Captioner:
         mostly fixed per call (32 rows: ~40 GFLOP/s, 256 rows: ~90 on 2 cores), so pooling the
         features of several encoder batches halves the decoder's share of the time; the encoder gains
         nothing from larger batches and would only need more memory.
-        On a CPU, ``workers`` is capped by the cores the model's own threads leave free: a decoding
-        process that has to share a core with the encoder's threads stalls them at every operator.
+        On a CPU, ``workers`` is capped by the cores torch's threads leave free (``loader_workers``).
         Unusable files come back as results with ``error`` set; the rest goes on.
         """
-        workers = self.loader_workers(workers)
+        workers = loader_workers(workers, self.device)
         loader = DataLoader(ImageFiles(list(paths), self.preprocess), batch_size=batch_size, num_workers=workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if workers else None)

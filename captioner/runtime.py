@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -34,3 +35,13 @@ def autocast(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """Image-decoding worker processes worth starting: all requested on a GPU; on a CPU only as many as
+    there are cores beyond torch's intra-op threads. Why: a decoding process that has to share a core
+    with the CNN's threads stalls them at every parallel operator (2 cores, 2 threads: 0.81x of the
+    encoder's speed with 2 workers, 0.84x decoding in between batches)."""
+    if device.type != "cpu":
+        return requested
+    return max(0, min(requested, (os.cpu_count() or 1) - torch.get_num_threads()))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder
 from captioner.images import ImageLoadError, load_image
-from captioner.runtime import resolve_device
+from captioner.runtime import loader_workers, resolve_device
 
 from .manifest import DatasetError, load_manifest, write_json_atomic
 
@@ -115,8 +115,8 @@ def encode_into(encoder: Encoder, dev: torch.device, paths: list[str], preproces
                 progress_path: Path, start: int, batch_size: int, workers: int) -> None:
     array = np.load(array_path, mmap_mode="r+")
     dataset = torch.utils.data.Subset(ImageFiles(paths, preprocess), range(start, len(paths)))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers, dev),
+                        collate_fn=collate_images, pin_memory=dev.type == "cuda")
     done, t0 = start, time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(paths), initial=start, desc="features", unit="img") as bar:
         for idx, pixels, errors in loader:
