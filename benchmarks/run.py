@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     if only & {"encoder", "stream", "latency"}:
         enc = results["encoder"] = {}
         name = cap.config.encoder.name
-        plain = copy.deepcopy(cap.encoder)  # before encode() moves the weights to channels-last
+        plain = copy.deepcopy(cap.encoder).to(memory_format=torch.contiguous_format)  # PyTorch's default layout
         for batch in (1, budget.stream_batch):
             enc[f"{name} b{batch} forward"] = bench_encoder(plain, size, batch, cap.precision, device, budget, plain=True)
             show(f"encoder {name} b{batch} forward", enc[f"{name} b{batch} forward"])
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         del plain
         if "encoder" in only and name != "resnet50":
             resnet, _ = build_encoder(EncoderConfig("resnet50", "none", size))
-            resnet = resnet.to(device).eval()
+            resnet = resnet.for_inference(device)
             for batch in (1, budget.stream_batch):
                 enc[f"resnet50 b{batch}"] = bench_encoder(resnet, size, batch, cap.precision, device, budget)
                 show(f"encoder resnet50 b{batch}", enc[f"resnet50 b{batch}"])

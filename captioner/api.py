@@ -55,7 +55,7 @@ class Captioner:
                  device: str = "auto", precision: str = "auto") -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.encoder = encoder.to(self.device).eval()
+        self.encoder = encoder.for_inference(self.device)
         self.decoder = decoder.to(self.device).eval()
         self.vocab, self.config = vocab, config
         self.preprocess = config.encoder.preprocess

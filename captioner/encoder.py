@@ -91,14 +91,17 @@ class Encoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels).flatten(1)  # (B, D)
 
+    def for_inference(self, device: torch.device) -> "Encoder":
+        """Move to ``device`` in eval mode; on a CPU also store the weights channels-last, the layout
+        ``encode`` feeds them (done once here, before any request can be running the model)."""
+        self.to(device).eval()
+        return self.to(memory_format=torch.channels_last) if device.type == "cpu" else self
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Inference forward, laid out for speed: on a CPU channels-last, ``CPU_CHUNK`` images per call.
         Same features as ``forward`` up to float rounding."""
         if pixels.device.type != "cpu":
             return self(pixels)
-        if not getattr(self, "_channels_last", False):
-            self.to(memory_format=torch.channels_last)
-            self._channels_last = True
         x = pixels.contiguous(memory_format=torch.channels_last)
         return torch.cat([self(chunk) for chunk in x.split(self.CPU_CHUNK)])
 

@@ -106,7 +106,7 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
     else:
         print(f"resuming feature cache {directory} at row {done}/{len(ids)}")
     dev = resolve_device(device)
-    encode_into(encoder.to(dev), dev, [r.path for r in records], config.preprocess, array_path, progress_path,
+    encode_into(encoder.for_inference(dev), dev, [r.path for r in records], config.preprocess, array_path, progress_path,
                 start=done, batch_size=batch_size, workers=workers)
     return directory
 
