@@ -135,19 +135,8 @@ def lr_factor(step: int, total: int, config: TrainConfig, lr_scale: float) -> fl
     return warm
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_probe"
-        probe.write_bytes(b"x" * 1024)
-        probe.unlink()
-    except OSError as err:
-        problem = "not enough free space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "output directory is not writable"
-        raise TrainingError(f"{out}: {problem} ({err.strerror}); nothing was trained") from None
-
-
-def _check_free_space(out: Path, modules: list[nn.Module], trainable: list[nn.Module]) -> None:
-    """Fail now, not after an epoch, when ``out`` cannot hold the checkpoints this run will write.
+def _check_output(out: Path, modules: list[nn.Module], trainable: list[nn.Module]) -> None:
+    """Fail now, not after an epoch, when ``out`` is not writable or cannot hold this run's checkpoints.
 
     ``last/`` holds every weight plus two AdamW moments per trainable weight (float32); while it is
     replaced, old and new versions coexist, and ``best/`` holds the weights again: about three times
@@ -159,16 +148,19 @@ def _check_free_space(out: Path, modules: list[nn.Module], trainable: list[nn.Mo
     need = 3 * (weights + moments) + (1 << 20)
     probe = out / ".space_probe"
     try:
+        out.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as fh:
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fh.fileno(), 0, need)
             else:  # pragma: no cover - non-POSIX
                 fh.truncate(need)
     except OSError as err:
-        raise TrainingError(f"{out}: not enough free space for this run's checkpoints (about {need / 1e6:.0f} MB "
-                            f"needed; {err.strerror}); nothing was trained") from None
+        problem = (f"not enough free space for this run's checkpoints (about {need / 1e6:.0f} MB needed)"
+                   if err.errno in (errno.ENOSPC, errno.EDQUOT) else "output directory is not writable")
+        raise TrainingError(f"{out}: {problem} ({err.strerror}); nothing was trained") from None
     finally:
-        probe.unlink(missing_ok=True)
+        if probe.is_file():
+            probe.unlink()
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -215,8 +207,6 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(config.precision, self.device)
-        if self.rank == 0:
-            _check_writable(self.out)
         records = load_manifest(self.data_dir)
         self.vocab = Vocab.load(self.data_dir / VOCAB)
         report = json.loads((self.data_dir / REPORT).read_text()) if (self.data_dir / REPORT).is_file() else {}
@@ -235,8 +225,8 @@ class Trainer:
                                                        "encoder": enc_cfg.to_json(), "max_len": max_len})
             self.decoder = CaptionDecoder(self.model_config)
         if self.rank == 0:
-            _check_free_space(self.out, [self.decoder, self.encoder],
-                              [self.decoder] + ([self.encoder] if self.config.finetune_encoder else []))
+            _check_output(self.out, [self.decoder, self.encoder],
+                          [self.decoder] + ([self.encoder] if self.config.finetune_encoder else []))
         self._prepare_data()
         self._build_optimizer()
         if resume:
