@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from captioner.errors import USER_ERRORS, ConfigError
+
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="caption files -> manifest, vocabulary, report")
@@ -31,7 +33,7 @@ def cmd_prepare(args) -> int:
 
     skips: list[dict] = []
     if args.format != "coco" and len(args.images) != 1:
-        raise ValueError(f"prepare {args.format} takes one --images folder (got {len(args.images)})")
+        raise ConfigError(f"prepare {args.format} takes one --images folder (got {len(args.images)})")
     if args.format == "coco":
         records = read_coco(args.captions, args.images, args.split_names, args.val_size, args.test_size, args.seed)
     elif args.format == "karpathy":
@@ -62,66 +64,109 @@ def _add_features(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+ENCODER_FLAGS = {"encoder": "name", "weights": "weights", "image_size": "image_size"}  # flag -> EncoderConfig field
+
+
 def _add_encoder_args(p) -> None:
-    p.add_argument("--encoder", default="resnet50", help="torchvision model name (resnet50, mobilenet_v2, ...)")
-    p.add_argument("--weights", default="DEFAULT",
-                   help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a local .pth file, or none")
-    p.add_argument("--image-size", type=int, default=224)
+    """Encoder flags of ``features`` and ``train``, defaulting to ``config.default_encoder()`` (the shipped model's)."""
+    from captioner.config import default_encoder
+    d = default_encoder()
+    p.add_argument("--encoder", help=f"torchvision model name (resnet50, mobilenet_v2, ...; default: {d.name})")
+    p.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a local .pth file, "
+                                     f"or none (default: {d.weights})")
+    p.add_argument("--image-size", type=int, help=f"input size in pixels (default: {d.image_size})")
+
+
+def _given(args, names) -> dict:
+    """The options among ``names`` given on the command line (a left-out one is None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _encoder_config(args):
-    from captioner.encoder import EncoderConfig
-    return EncoderConfig(name=args.encoder, weights=args.weights, image_size=args.image_size)
+    import dataclasses
+    from captioner.config import default_encoder
+    given = _given(args, ENCODER_FLAGS)
+    return dataclasses.replace(default_encoder(), **{ENCODER_FLAGS[flag]: value for flag, value in given.items()})
 
 
 def cmd_features(args) -> int:
-    from data_prep.features import build_features
-    build_features(args.data_dir, _encoder_config(args), args.batch_size, args.device, args.workers)
-    return 0
+    from data_prep.features import build_features, read_failures
+    directory = build_features(args.data_dir, _encoder_config(args), args.batch_size, args.device, args.workers)
+    return 1 if read_failures(directory) else 0
+
+
+MODEL_FLAGS = ("cell", "layers", "hidden", "embed", "dropout", "feed_image")  # ModelConfig fields set by train
+MODEL_HELP = {"cell": "recurrent cell", "layers": "recurrent layers", "hidden": "units per layer",
+              "embed": "word embedding size", "feed_image": "also feed the image as the first input step"}
+TRAIN_HELP = {"epochs": "length of the run; with --resume: changes the saved run's length",
+              "max_steps": "stop after this many optimizer steps (0: no limit); saved with the run like --epochs",
+              "clip": "maximum total gradient norm (0: no clipping)", "schedule": "after a linear warm-up",
+              "patience": "epochs without a better val BLEU-4 before stopping (0: never)",
+              "val_bleu_images": "val images captioned for the metrics (0: all)",
+              "finetune_encoder": "train the CNN too, from the images", "workers": "image-decoding processes"}
+
+
+def _add_config_flags(p, cls, names, helps: dict[str, str], choices: dict[str, tuple] | None = None) -> None:
+    """One flag per field of the dataclass ``cls`` in ``names``, with default None: the dataclass stays the
+    only place a default is written (--help shows it), and a flag left out can be told from one given
+    (``--resume`` keeps the run's own value)."""
+    import dataclasses
+    for f in dataclasses.fields(cls):
+        if f.name in names:
+            kind = ({"action": "store_true"} if isinstance(f.default, bool)
+                    else {"type": type(f.default), "choices": (choices or {}).get(f.name)})
+            p.add_argument("--" + f.name.replace("_", "-"), default=None,
+                           help=f"{helps.get(f.name, '')} (default: {f.default})".lstrip(), **kind)
+
+
+def _train_fields() -> list[str]:
+    import dataclasses
+    from captioner.train import TrainConfig
+    return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def _add_train(sub) -> None:
-    from captioner.config import CELLS
-    from captioner.train import TrainConfig
-    d = TrainConfig()
-    p = sub.add_parser("train", help="train the decoder (teacher forcing, clipped gradients); torchrun for DDP")
+    from captioner.config import CELLS, ModelConfig
+    from captioner.train import PRECISIONS, RESUMABLE, SCHEDULES, TrainConfig
+    p = sub.add_parser("train", help="train the decoder (teacher forcing, clipped gradients); torchrun for DDP",
+                       description="Every default is the shipped model's recipe "
+                                   "(checkpoints/flickr8k-mobilenet_v2-lstm/MODEL_CARD.md).")
     p.add_argument("data_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="run directory (best/, last/, metrics.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped, with its saved settings and length; "
+                        f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may be given with it "
+                        "(--epochs / --max-steps then change the run's length)")
     _add_encoder_args(p)
-    p.add_argument("--cell", choices=CELLS, default="lstm")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--embed", type=int, default=256)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--feed-image", action="store_true", help="also feed the image as the first input step")
+    _add_config_flags(p, ModelConfig, MODEL_FLAGS, MODEL_HELP, {"cell": CELLS})
     p.add_argument("--max-len", type=int, help="caption length cap (default: the prepare report's)")
-    for name, value in vars(d).items():
-        if name in ("device",):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=type(value), default=value)
-    p.add_argument("--device", default="auto")
+    _add_config_flags(p, TrainConfig, _train_fields(), TRAIN_HELP, {"schedule": SCHEDULES, "precision": PRECISIONS})
+
+
+def _model_config(args):
+    """The architecture: given flags over ``ModelConfig``'s defaults; ``max_len`` from the prepare report."""
+    import json
+    from captioner.config import ModelConfig
+    max_len = args.max_len
+    if max_len is None:
+        report = args.data_dir / "prepare_report.json"
+        max_len = json.loads(report.read_text()).get("max_len", 30) if report.is_file() else 30
+    return ModelConfig(vocab_size=5, max_len=max_len, **_given(args, MODEL_FLAGS))
+
+
+def _train_config(args):
+    """A new run's settings: given flags over ``TrainConfig``'s defaults. (--resume: ``train.resume_config``.)"""
+    from captioner.train import TrainConfig
+    return TrainConfig(**_given(args, _train_fields()))
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-    import json
-    from captioner.config import ModelConfig
-    from captioner.train import TrainConfig, Trainer
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    model = None
-    if not args.resume:
-        max_len = args.max_len
-        if max_len is None:
-            report = args.data_dir / "prepare_report.json"
-            max_len = json.loads(report.read_text()).get("max_len", 30) if report.is_file() else 30
-        model = ModelConfig(vocab_size=5, cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
-                            dropout=args.dropout, feed_image=args.feed_image, max_len=max_len)
-    trainer = Trainer(args.data_dir, args.out, model, _encoder_config(args), config, resume=args.resume)
+    from captioner.train import Trainer, resume_config
+    if args.resume:
+        given = _given(args, [*_train_fields(), *ENCODER_FLAGS, *MODEL_FLAGS, "max_len"])
+        trainer = Trainer(args.data_dir, args.out, None, None, resume_config(args.out, given), resume=True)
+    else:
+        trainer = Trainer(args.data_dir, args.out, _model_config(args), _encoder_config(args), _train_config(args))
     result = trainer.fit()
     if trainer.rank == 0:
         print(f"done: {result}; best checkpoint: {args.out / 'best'}")
@@ -142,6 +187,10 @@ def _add_decode_args(p) -> None:
     p.add_argument("--max-len", type=int, help="longest caption (default: the model's)")
     p.add_argument("--allow-unk", action="store_true", help="let <unk> appear in captions")
     p.add_argument("--seed", type=int, help="seed for --strategy sample")
+    p.add_argument("--guide", action="store_true",
+                   help="beam only: the caption must name what the CNN's ImageNet head recognises (constrained beam)")
+    p.add_argument("--guide-threshold", type=float, default=d.guide_threshold,
+                   help="probability a recognised object needs before --guide requires its word")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -151,7 +200,8 @@ def _add_decode_args(p) -> None:
 def _decode_config(args, captioner):
     options = dict(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
                    num_return=args.num_return, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   no_repeat_ngram=args.no_repeat_ngram, suppress_unk=not args.allow_unk, seed=args.seed)
+                   no_repeat_ngram=args.no_repeat_ngram, suppress_unk=not args.allow_unk, seed=args.seed,
+                   guide=args.guide, guide_threshold=args.guide_threshold)
     if args.max_len:
         options["max_len"] = args.max_len
     return captioner.decode_config(**options)
@@ -178,7 +228,7 @@ def cmd_caption(args) -> int:
     config = _decode_config(args, captioner)
     fmt = infer_format(args.output, args.format)
     if fmt == "coco" and args.output is None:
-        raise ValueError("--format coco needs -o FILE.json")
+        raise ConfigError("--format coco needs -o FILE.json")
     summary = caption_files(captioner, expand_inputs(args.images), config, args.output, fmt, args.resume,
                             args.data, args.batch_size, args.workers, args.decode_batch)
     for failure in summary["failed"]:
@@ -214,12 +264,16 @@ def cmd_evaluate(args) -> int:
                        args.batch_size, args.workers, args.from_cache)
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{summary['images']} images of split {args.split!r}" + (f", {config.strategy}" if config else ""))
+    for failure in summary["failed"]:
+        print(f"warning: image id {failure['image_id']}: {failure['path']}: {failure['error']}; not scored",
+              file=sys.stderr)
+    print(f"{summary['images']} images of split {args.split!r}" + (f", {config.strategy}" if config else "")
+          + (f"; {summary['failed_count']} could not be captioned and are not scored" if summary["failed"] else ""))
     print(format_table(summary))
     if args.output:
         args.output.write_text(json.dumps(summary, indent=1))
         print(f"wrote {args.output}")
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 def _add_gradflow(sub) -> None:
@@ -265,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The project's own errors are the user's to fix and print as one line (exit 2);
+    any other exception is a bug and propagates with its traceback (exit 1)."""
     args = build_parser().parse_args(argv)
-    from captioner.errors import USER_ERRORS
     try:
         return COMMANDS[args.command][1](args)
     except USER_ERRORS as err:

@@ -28,7 +28,8 @@ from data_prep.vocab import Vocab
 
 from .config import CELLS, ModelConfig
 from .encoder import EncoderConfig
-from .model import CaptionDecoder, caption_loss
+from .model import CaptionDecoder
+from .train import train_step
 
 SYNTHETIC_VOCAB = 200  # vocabulary size of the random captions used when there is no data directory
 
@@ -105,10 +106,11 @@ def sigma_max(decoder: CaptionDecoder) -> float | None:
 
 
 def train(decoder: CaptionDecoder, data: GradflowData, config: GradflowConfig,
-          clip: float | None) -> tuple[list[float], list[float]]:
+          clip: float) -> tuple[list[float], list[float]]:
     """Teacher-forced Adam steps on random training captions; returns per-step losses and PRE-clip grad norms.
 
-    The batch order is seeded, so the clipped and unclipped runs see the same batches.
+    Each is ``captioner train``'s own step (``train_step``), clipped to ``clip`` (0: not clipped). The
+    batch order is seeded, so the clipped and unclipped runs see the same batches.
     """
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     batches = torch.Generator().manual_seed(config.seed)
@@ -116,11 +118,7 @@ def train(decoder: CaptionDecoder, data: GradflowData, config: GradflowConfig,
     decoder.train()
     for _ in range(config.steps):
         idx = torch.randint(len(data.tokens), (config.batch_size,), generator=batches)
-        loss, _ = caption_loss(decoder, data.features[data.pair_image[idx]], data.tokens[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(decoder.parameters(), clip if clip is not None else math.inf)
-        optimizer.step()
+        loss, norm, _ = train_step(decoder, optimizer, data.features[data.pair_image[idx]], data.tokens[idx], clip)
         losses.append(loss.item())
         norms.append(norm.item())
     return losses, norms
@@ -135,7 +133,7 @@ def measure_cell(cell: str, data: GradflowData, config: GradflowConfig) -> dict:
     """Gradient flow at init, then after training without and with clipping (both from the same init)."""
     initial = build_decoder(cell, data.vocab_size, data.features.shape[1], config)
     result = {"init": _measure(initial, data)}
-    for name, clip in (("noclip", None), ("clip", config.clip)):
+    for name, clip in (("noclip", 0.0), ("clip", config.clip)):
         decoder = copy.deepcopy(initial)
         losses, norms = train(decoder, data, config, clip)
         result[name] = {**_measure(decoder, data), "losses": losses, "train_grad_norms": norms}
@@ -261,14 +259,15 @@ def add_parser(sub) -> None:
     p.add_argument("--init-scale", type=float, default=defaults.init_scale,
                    help="multiply W_hh after init (e.g. 4 makes the vanilla RNN explode)")
     p.add_argument("-o", "--out", type=Path, default=Path("gradflow.png"), help="plot to write")
-    p.add_argument("--json", type=Path, default=Path("gradflow.json"), help="measurements to write")
+    p.add_argument("--json", type=Path, help="measurements to write (default: beside the plot, as .json)")
 
 
 def cmd_gradflow(args) -> int:
     config = GradflowConfig(cells=args.cells, steps=args.steps, init_scale=args.init_scale)
     result = run_gradflow(args.data_dir, config)
-    args.json.write_text(json.dumps(result, indent=1))
+    json_path = args.json or args.out.with_suffix(".json")
+    json_path.write_text(json.dumps(result, indent=1))
     plot_gradflow(result, args.out)
     print(format_summary(result))
-    print(f"wrote {args.out} and {args.json}")
+    print(f"wrote {args.out} and {json_path}")
     return 0

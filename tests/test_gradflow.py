@@ -74,6 +74,19 @@ def test_cli_writes_png_and_json_with_random_features_when_cache_incomplete(tmp_
     assert "random normal features" in capsys.readouterr().out
 
 
+def test_json_is_written_beside_the_plot_by_default(tmp_path: Path, monkeypatch) -> None:
+    data_dir, elsewhere, docs = _tiny_data_dir(tmp_path), tmp_path / "cwd", tmp_path / "docs"
+    elsewhere.mkdir()
+    docs.mkdir()
+    monkeypatch.chdir(elsewhere)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["gradflow", str(data_dir), "--cells", "lstm", "--steps", "1", "-o", str(docs / "flow.png")])
+    assert cmd_gradflow(args) == 0
+    assert set(json.loads((docs / "flow.json").read_text())["cells"]) == {"lstm"}
+    assert list(elsewhere.iterdir()) == []  # nothing in the working directory
+
+
 def test_complete_feature_cache_is_used(tmp_path: Path) -> None:
     data_dir = _tiny_data_dir(tmp_path)
     cache = data_dir / "features" / "x-none-224"
