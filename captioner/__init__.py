@@ -2,8 +2,16 @@
 
     from captioner import Captioner
     Captioner.from_pretrained().caption("photo.jpg")
+
+``Captioner`` is imported on first use: ``import captioner.errors`` (done by ``data_prep`` and the
+app) must not pull in torch and the whole API, nor import ``data_prep`` back while it is loading.
 """
 
-from .api import Captioner
-
 __all__ = ["Captioner"]
+
+
+def __getattr__(name: str):
+    if name == "Captioner":
+        from .api import Captioner
+        return Captioner
+    raise AttributeError(f"module 'captioner' has no attribute {name!r}")

@@ -18,21 +18,30 @@ from data_prep.features import ImageFiles, collate_images
 from data_prep.tokenizer import detokenize
 from data_prep.vocab import Vocab
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode
 from .encoder import Encoder
+from .errors import CheckpointError
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 
 BUNDLED = "flickr8k-mobilenet_v2-lstm"
-REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # pip install .: the wheel ships them here
+REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # a source tree or pip install -e .
+
+
+def bundled_checkpoints() -> Path:
+    """The directory of the shipped checkpoints: the repository's ``checkpoints/`` is packaged as
+    ``captioner/checkpoints/`` (pyproject.toml), so an installed package has it inside; a source tree
+    or an editable install uses the repository's own."""
+    return PACKAGE_CHECKPOINTS if PACKAGE_CHECKPOINTS.is_dir() else REPO_CHECKPOINTS
 
 
 def default_checkpoint() -> Path:
-    """``$CAPTIONER_CHECKPOINT`` if set, else the bundled model in the repository's ``checkpoints/``."""
-    return Path(os.environ.get("CAPTIONER_CHECKPOINT", REPO_CHECKPOINTS / BUNDLED))
+    """``$CAPTIONER_CHECKPOINT`` if set, else the bundled model."""
+    return Path(os.environ.get("CAPTIONER_CHECKPOINT", bundled_checkpoints() / BUNDLED))
 
 
 @dataclass

@@ -19,18 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_prep.vocab import Vocab, VocabError
+from data_prep.vocab import Vocab
 
 from .config import ModelConfig
 from .encoder import Encoder, build_encoder, EncoderConfig
+from .errors import CheckpointError, VocabError
 
 MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
 FORMAT = "captioner-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .errors import ConfigError
 from .model import CaptionDecoder, State
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -34,15 +35,15 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.max_len < 1 or self.beam_size < 1 or self.num_return < 1:
-            raise ValueError("max_len, beam_size and num_return must be >= 1")
+            raise ConfigError("max_len, beam_size and num_return must be >= 1")
         if self.strategy == "beam" and self.num_return > self.beam_size:
-            raise ValueError(f"num_return ({self.num_return}) cannot exceed beam_size ({self.beam_size})")
+            raise ConfigError(f"num_return ({self.num_return}) cannot exceed beam_size ({self.beam_size})")
         if self.strategy == "greedy" and self.num_return != 1:
-            raise ValueError("greedy decoding returns one caption; use beam or sample for several")
+            raise ConfigError("greedy decoding returns one caption; use beam or sample for several")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.no_repeat_ngram < 0:
-            raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram >= 0")
+            raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram >= 0")
 
     def to_json(self) -> dict:
         return asdict(self)

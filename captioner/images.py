@@ -16,16 +16,10 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageLoadError
+
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class ImageLoadError(ValueError):
-    """An image that cannot be used; ``source`` names it and ``reason`` says why."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source, self.reason = source, reason
 
 
 def describe(src: ImageSource) -> str:

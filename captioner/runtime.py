@@ -7,14 +7,19 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when present, else CPU; an explicit device that is absent is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device}: not a device ({err}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     return dev
 
 
@@ -22,7 +27,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."""
     if precision != "auto":
         if precision != "fp32" and device.type != "cuda":
-            raise ValueError(f"--precision {precision} needs a CUDA device (got {device})")
+            raise ConfigError(f"--precision {precision} needs a CUDA device (got {device})")
         return precision
     if device.type != "cuda":
         return "fp32"

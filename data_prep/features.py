@@ -1,14 +1,18 @@
 """Feature cache: every manifest image encoded once, stored as a float16 memory-mapped array.
 
 Layout: ``DATA_DIR/features/<encoder>-<weights>-<size>/`` with ``features.npy`` (N, D) float16,
-``index.json`` (image ids in row order + encoder config) and ``progress.json`` (rows done). Rows
-are written in order and progress is saved after each flushed batch, so an interrupted run resumes
-at the first missing row instead of starting over.
+``index.json`` (image ids in row order + encoder config), ``progress.json`` (rows done) and
+``report.json`` (``failed``: the images that could not be read, with the reason). Rows are written in
+order and progress is saved after each flushed batch, so an interrupted run resumes at the first
+missing row instead of starting over. An unreadable image does not stop the run (hours of encoding
+are not lost to one bad file): its row stays empty, it is listed in the report, the next run of
+``captioner features`` retries it, and training refuses to use the cache for it, naming it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,10 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder
-from captioner.images import ImageLoadError, load_image
+from captioner.errors import DatasetError, ImageLoadError
+from captioner.images import load_image
 from captioner.runtime import loader_workers, resolve_device
 
-from .manifest import DatasetError, load_manifest, write_json_atomic
+from .manifest import Record, load_manifest, write_json_atomic
+
+INDEX, PROGRESS, ARRAY, FAILURES = "index.json", "progress.json", "features.npy", "report.json"
 
 
 class ImageFiles(Dataset):
@@ -56,25 +63,34 @@ class FeatureCache:
     """Read side of a finished cache: ``features[row]`` for image ``ids[row]``."""
 
     def __init__(self, directory: Path) -> None:
-        index_path = directory / "index.json"
+        index_path = directory / INDEX
         if not index_path.is_file():
             raise DatasetError(f"{directory}: no feature cache; run `captioner features` first")
         index = json.loads(index_path.read_text())
-        progress = json.loads((directory / "progress.json").read_text())
+        progress = json.loads((directory / PROGRESS).read_text())
         self.ids: list[int] = index["ids"]
         if progress["done"] < len(self.ids):
             raise DatasetError(f"{directory}: feature cache incomplete ({progress['done']}/{len(self.ids)} rows); "
                                "run `captioner features` again to finish it")
         self.encoder = EncoderConfig.from_json(index["encoder"])
-        self.features = np.load(directory / "features.npy", mmap_mode="r")
+        self.features = np.load(directory / ARRAY, mmap_mode="r")
         self.row = {image_id: r for r, image_id in enumerate(self.ids)}
+        self.directory, self.failed = directory, read_failures(directory)
 
     def rows(self, ids: list[int]) -> np.ndarray:
-        """Row numbers of these image ids (an error names the first id the cache does not have)."""
+        """Row numbers of these image ids; an error names the ids the cache has no row or no feature for."""
         missing = [i for i in ids if i not in self.row]
         if missing:
             raise DatasetError(f"feature cache has no row for image id {missing[0]} ({len(missing)} missing): "
                                "the manifest changed since the cache was built; rebuild it")
+        unreadable = sorted({i for i in ids if i in self.failed})
+        if unreadable:
+            first, more = self.failed[unreadable[0]], " ..." if len(unreadable) > 5 else ""
+            raise DatasetError(f"{len(unreadable)} image(s) could not be encoded by `captioner features`: ids "
+                               f"{unreadable[:5]}{more} (first: {first['path']}: {first['error']}; "
+                               f"all listed in {self.directory / FAILURES}); replace the files and run `captioner "
+                               "features` again (it retries only those), or re-run `captioner prepare`, which "
+                               "leaves unreadable images out")
         return np.array([self.row[i] for i in ids], dtype=np.int64)
 
     def gather(self, ids: list[int]) -> torch.Tensor:
@@ -82,52 +98,82 @@ class FeatureCache:
         return torch.from_numpy(np.asarray(self.features[self.rows(ids)], dtype=np.float32))
 
 
+def read_failures(directory: Path) -> dict[int, dict]:
+    """The cache's unreadable images by id, ``{"id", "path", "error"}`` (none in caches older than the report)."""
+    path = directory / FAILURES
+    return {f["id"]: f for f in json.loads(path.read_text())["failed"]} if path.is_file() else {}
+
+
 def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, device: str = "auto",
                    workers: int = 2) -> Path:
-    """Encode every manifest image (resuming a partial cache); return the cache directory."""
+    """Encode every manifest image (resuming a partial cache, retrying the images that failed before); return
+    the cache directory. Unreadable images are printed as warnings and listed in the cache's report."""
     records = load_manifest(data_dir)
     encoder, config = build_encoder(config)
     directory = cache_dir(data_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
     ids = [r.id for r in records]
     index = json.loads(json.dumps({"ids": ids, "encoder": config.to_json()}))  # tuples -> lists, as read back
-    index_path, progress_path, array_path = directory / "index.json", directory / "progress.json", directory / "features.npy"
+    index_path, progress_path, array_path = directory / INDEX, directory / PROGRESS, directory / ARRAY
     done = 0
     if index_path.is_file() and array_path.is_file() and progress_path.is_file():
         if json.loads(index_path.read_text()) == index:
             done = json.loads(progress_path.read_text())["done"]
-    if done == len(ids):
+    failed = read_failures(directory) if done else {}
+    if done == len(ids) and not failed:
         print(f"feature cache {directory} is complete ({len(ids)} images): reusing it")
         return directory
     if done == 0:
         np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=(len(ids), config.feature_dim)).flush()
         write_json_atomic(index_path, index)
+        write_json_atomic(directory / FAILURES, {"failed": []})
         write_json_atomic(progress_path, {"done": 0})
-    else:
+    elif done < len(ids):
         print(f"resuming feature cache {directory} at row {done}/{len(ids)}")
+    if failed:
+        print(f"retrying {len(failed)} image(s) that could not be encoded before")
+    row_of = {image_id: r for r, image_id in enumerate(ids)}
+    rows = sorted({row_of[i] for i in failed} | set(range(done, len(ids))))
     dev = resolve_device(device)
-    encode_into(encoder.for_inference(dev), dev, [r.path for r in records], config.preprocess, array_path, progress_path,
-                start=done, batch_size=batch_size, workers=workers)
+    failed = encode_into(encoder.for_inference(dev), dev, records, config.preprocess, directory, rows, failed,
+                         batch_size, workers)
+    for failure in failed.values():
+        print(f"warning: image id {failure['id']}: {failure['path']}: {failure['error']}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} image(s) could not be encoded (listed in {directory / FAILURES}); training needs them: "
+              "replace the files and run `captioner features` again, or re-run `captioner prepare`", file=sys.stderr)
     return directory
 
 
-def encode_into(encoder: Encoder, dev: torch.device, paths: list[str], preprocess: Preprocess, array_path: Path,
-                progress_path: Path, start: int, batch_size: int, workers: int) -> None:
+def encode_into(encoder: Encoder, dev: torch.device, records: list[Record], preprocess: Preprocess, directory: Path,
+                rows: list[int], failed: dict[int, dict], batch_size: int, workers: int) -> dict[int, dict]:
+    """Encode these rows of the cache, in order. After each batch the features are flushed, then the report,
+    then the progress (rows attempted), so a kill loses at most one batch. ``failed`` (by image id) gains
+    the images that cannot be read and loses those that now encode; the result is the updated report."""
+    array_path, progress_path = directory / ARRAY, directory / PROGRESS
     array = np.load(array_path, mmap_mode="r+")
-    dataset = torch.utils.data.Subset(ImageFiles(paths, preprocess), range(start, len(paths)))
+    done = json.loads(progress_path.read_text())["done"]
+    dataset = torch.utils.data.Subset(ImageFiles([r.path for r in records], preprocess), rows)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers, dev),
                         collate_fn=collate_images, pin_memory=dev.type == "cuda")
-    done, t0 = start, time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(paths), initial=start, desc="features", unit="img") as bar:
+    encoded, t0 = 0, time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(rows), desc="features", unit="img") as bar:
         for idx, pixels, errors in loader:
-            if errors:
-                raise DatasetError(f"cannot encode {errors[0][1]}; re-run `captioner prepare` to skip bad images")
-            feats = encoder.encode(pixels.to(dev, non_blocking=True)).float().cpu().numpy()
-            array[idx] = feats.astype(np.float16)  # idx: absolute row numbers, in order
-            array.flush()
-            done = idx[-1] + 1
+            if pixels is not None:
+                feats = encoder.encode(pixels.to(dev, non_blocking=True)).float().cpu().numpy()
+                array[idx] = feats.astype(np.float16)  # idx: absolute row numbers, in order
+                array.flush()
+            for row in idx:
+                failed.pop(records[row].id, None)
+            for row, error in errors:
+                record = records[row]
+                failed[record.id] = {"id": record.id, "path": record.path, "error": error.removeprefix(f"{record.path}: ")}
+            write_json_atomic(directory / FAILURES, {"failed": list(failed.values())})
+            done = max(done, 1 + max(idx + [row for row, _ in errors]))
             write_json_atomic(progress_path, {"done": done})
-            bar.update(len(feats))
-    rate = (done - start) / max(1e-9, time.perf_counter() - t0)
-    print(f"encoded {done - start} images at {rate:.1f} img/s into {array_path} "
+            encoded += len(idx)
+            bar.update(len(idx) + len(errors))
+    rate = encoded / max(1e-9, time.perf_counter() - t0)
+    print(f"encoded {encoded} images at {rate:.1f} img/s into {array_path} "
           f"({array_path.stat().st_size / 1e6:.1f} MB)")
+    return failed

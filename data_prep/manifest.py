@@ -7,14 +7,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from captioner.errors import DatasetError
+
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 REPORT = "prepare_report.json"
 FORMAT = "captioner-manifest/1"
-
-
-class DatasetError(ValueError):
-    """A data directory or caption file that cannot be used (message names the file and place)."""
 
 
 @dataclass

@@ -8,12 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from captioner.errors import VocabError
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
-
-
-class VocabError(ValueError):
-    """A vocabulary file that cannot be used."""
 
 
 @dataclass
