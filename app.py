@@ -47,8 +47,9 @@ def example_images() -> list[str]:
 
 
 def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, temperature: float, top_p: float,
-                   beam_size: float, num_return: float) -> tuple[str, list[list]]:
-    """One request: the best caption and the n-best table; bad input becomes a ``gr.Error`` shown in the UI.
+                   beam_size: float, num_return: float, guide: bool = False) -> tuple[str, list[list], dict]:
+    """One request: the best caption, the n-best table and what the CNN recognises (caption word ->
+    probability, for ``gr.Label``); bad input becomes a ``gr.Error`` shown in the UI.
 
     The event runs with ``preprocess=False``: stock ``gr.Image`` preprocessing opens every upload with
     PIL first, so a broken file would fail there with a generic error instead of reaching
@@ -63,14 +64,19 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         if beams > MAX_BEAM or count > MAX_CAPTIONS:
             raise ValueError(f"beam size is limited to {MAX_BEAM} and the number of captions to {MAX_CAPTIONS}")
         # Greedy has exactly one answer, so the count slider only matters for sample and beam.
+        # Guidance is a constrained beam search: the checkbox only acts with the beam strategy.
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
-                                         beam_size=beams, num_return=1 if strategy == "greedy" else count)
-        nbest = captioner.nbest([upload["path"]], config)[0]
+                                         beam_size=beams, num_return=1 if strategy == "greedy" else count,
+                                         guide=bool(guide) and strategy == "beam" and captioner.can_tag)
+        features = captioner.features([upload["path"]])
+        nbest = captioner.generate(features, config)[0]
+        tags = captioner.tagger.tags(features, threshold=0.05)[0] if captioner.can_tag else []
     except ImageLoadError as err:  # name the file as the user knows it, not by gradio's cache path
         raise gr.Error(f"{upload.get('orig_name') or 'upload'}: {err.reason}", print_exception=False) from None
     except (TypeError, ValueError) as err:
         raise gr.Error(str(err), print_exception=False) from None
-    return nbest[0]["caption"], [[i + 1, h["caption"], h["logprob"], h["score"]] for i, h in enumerate(nbest)]
+    table = [[i + 1, h["caption"], h["logprob"], h["score"]] for i, h in enumerate(nbest)]
+    return nbest[0]["caption"], table, {f"{t.word} ({t.imagenet_class})": t.prob for t in tags}
 
 
 WHY_LSTM = """
@@ -118,6 +124,10 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                     beam_size = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size", info="beam only")
                     num_return = gr.Slider(1, MAX_CAPTIONS, value=3, step=1, label="Number of captions",
                                            info="sample / beam (at most the beam size); greedy gives one")
+                    guide = gr.Checkbox(value=True, label="Name what the CNN recognises", elem_id="guide",
+                                        info="beam only: the caption must use the word of an object the CNN's "
+                                             "ImageNet classifier is sure of (constrained beam search; "
+                                             "models without the classifier ignore it)")
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column(scale=2):
                     caption = gr.Textbox(label="Best caption", elem_id="caption", interactive=False)
@@ -125,9 +135,11 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                                          datatype=["number", "str", "number", "number"], label="N-best",
                                          column_widths=["8%", "58%", "17%", "17%"], wrap=True,
                                          interactive=False, elem_id="nbest")
+                    tags = gr.Label(label="Recognised by the CNN (caption word, ImageNet class)", num_top_classes=5,
+                                    elem_id="tags")
             button.click(functools.partial(caption_upload, captioner),
-                         inputs=[image, strategy, temperature, top_p, beam_size, num_return],
-                         outputs=[caption, nbest], api_name="caption", preprocess=False)
+                         inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide],
+                         outputs=[caption, nbest, tags], api_name="caption", preprocess=False)
         with gr.Tab("Why LSTM"):
             if GRADFLOW_PNG.is_file():
                 gr.Image(str(GRADFLOW_PNG), label="Gradient norm through time (captioner gradflow)",

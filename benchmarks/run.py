@@ -343,8 +343,8 @@ def camera_photos(paths: list[str], distinct: int, long_side: int = 4000, qualit
             img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
         made.append(str(out / f"camera_{i:03d}.jpg"))
         img.save(made[-1], quality=quality)
-    size = "x".join(map(str, img.size))
-    return (made * (len(paths) // len(made) + 1))[: len(paths)], f"{len(made)} photos upscaled to {size} (q{quality}, {out})"
+    return ((made * (len(paths) // len(made) + 1))[: len(paths)],
+            f"{len(made)} photos upscaled to {long_side} px long side, q{quality} ({out})")
 
 
 def bench_camera(cap: Captioner, paths: list[str], workers: int, budget: Budget, flickr8k_stream: dict | None) -> dict:

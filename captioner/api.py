@@ -6,8 +6,9 @@ batch command, the evaluation command and the Gradio app all go through it.
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,11 +24,13 @@ from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode
 from .encoder import Encoder
 from .errors import CheckpointError
+from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 
 BUNDLED = "flickr8k-mobilenet_v2-lstm"
+MODELS = {"fast": BUNDLED}  # names for ``from_pretrained``, ``--checkpoint`` and the app's picker
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # pip install .: the wheel ships them here
 REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # a source tree or pip install -e .
 
@@ -42,6 +45,15 @@ def bundled_checkpoints() -> Path:
 def default_checkpoint() -> Path:
     """``$CAPTIONER_CHECKPOINT`` if set, else the bundled model."""
     return Path(os.environ.get("CAPTIONER_CHECKPOINT", bundled_checkpoints() / BUNDLED))
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
+    """A bundled model's name (``fast``, ...) or a checkpoint directory -> the directory; None -> the default."""
+    if name_or_path is None:
+        return default_checkpoint()
+    if str(name_or_path) in MODELS and not Path(name_or_path).exists():
+        return bundled_checkpoints() / MODELS[str(name_or_path)]
+    return Path(name_or_path)
 
 
 @dataclass
@@ -72,8 +84,9 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "auto",
                         precision: str = "auto") -> "Captioner":
-        """Load a checkpoint directory (a run's ``best/``, or the bundled model when ``path`` is None)."""
-        loaded = load_checkpoint(default_checkpoint() if path is None else Path(path))
+        """Load a checkpoint directory (a run's ``best/``), a bundled model by name (``MODELS``), or the
+        default bundled model when ``path`` is None."""
+        loaded = load_checkpoint(resolve_model(path))
         decoder = build_decoder(loaded.config)
         try:
             decoder.load_state_dict(loaded.decoder_state)
@@ -92,13 +105,37 @@ class Captioner:
         with autocast(self.precision, self.device):
             return self.encoder.encode(pixels.to(self.device, non_blocking=True)).float()
 
+    @property
+    def can_tag(self) -> bool:
+        """Whether the encoder kept an ImageNet-1k head (tags and guided decoding need it)."""
+        head = self.encoder.head
+        return head is not None and list(head.parameters())[-1].shape[0] == len(IMAGENET_CATEGORIES)
+
+    @functools.cached_property
+    def tagger(self) -> Tagger:
+        """The encoder's ImageNet head as caption-word probabilities (built on first use)."""
+        return Tagger(self.encoder, self.vocab.words, self.vocab.counts, IMAGENET_CATEGORIES)
+
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, config: DecodeConfig) -> list[list[dict]]:
         """(B, D) features -> per image, the n-best as ``{"caption", "tokens", "logprob", "score"}``."""
+        features = features.to(self.device)
+        constraints = None
+        if config.guide:
+            constraints = self.tagger.constraints(features, config.guide_threshold, self.vocab.index)
         with autocast(self.precision, self.device):
-            hyps = decode(self.decoder, features.to(self.device), config, self.vocab.start_id, self.vocab.end_id,
-                          self.vocab.pad_id, self.vocab.unk_id)
+            hyps = decode(self.decoder, features, config, self.vocab.start_id, self.vocab.end_id,
+                          self.vocab.pad_id, self.vocab.unk_id, constraints)
         return [[self._describe(h) for h in per_image] for per_image in hyps]
+
+    @torch.inference_mode()
+    def tags(self, images: ImageSource | Sequence[ImageSource], threshold: float = 0.05, top: int = 5):
+        """What the encoder's ImageNet head recognises, as caption words: per image a list of
+        ``{"word", "prob", "imagenet_class"}``, best first (one image gives one list)."""
+        single = not isinstance(images, (list, tuple))
+        found = [[asdict(t) for t in per] for per in self.tagger.tags(self.features([images] if single else images),
+                                                                       threshold, top)]
+        return found[0] if single else found
 
     def _describe(self, h: Hypothesis) -> dict:
         words = self.vocab.decode(h.tokens)
@@ -119,8 +156,13 @@ class Captioner:
 
     def nbest(self, images: Sequence[ImageSource], config: DecodeConfig) -> list[list[dict]]:
         """Per image, the n-best ``{"caption", "tokens", "logprob", "score"}`` dicts, best first."""
-        pixels = torch.stack([self.preprocess(load_image(src)) for src in images])  # (B, 3, H, W)
-        return self.generate(self.encode(pixels), config)
+        return self.generate(self.features(images), config)
+
+    def features(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Images -> (B, D) encoder features: the one load + preprocess + encode of in-memory requests."""
+        pre = self.preprocess
+        pixels = torch.stack([pre(load_image(src, min_side=pre.min_side)) for src in images])  # (B, 3, H, W)
+        return self.encode(pixels)
 
     def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32, workers: int = 2,
                decode_batch: int = 256) -> Iterator[ImageResult]:

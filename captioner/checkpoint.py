@@ -22,7 +22,7 @@ from torch import nn
 from data_prep.vocab import Vocab
 
 from .config import ModelConfig
-from .encoder import Encoder, build_encoder, EncoderConfig
+from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, VocabError
 
 MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
@@ -139,6 +139,8 @@ def load_checkpoint(directory: str | Path) -> Loaded:
                      for k, v in tensors.items() if k.startswith("encoder.")}
     if encoder_state:
         encoder, _ = build_encoder(EncoderConfig(config.encoder.name, "none", config.encoder.image_size))
+        if not any(k.startswith("head.") for k in encoder_state):
+            encoder.head = None  # saved without the classifier head (checkpoints before heads were kept)
         try:
             encoder.load_state_dict(encoder_state)
         except RuntimeError as err:
@@ -154,10 +156,24 @@ def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_tensors(directory / STATE_TENSORS), _read_json(directory / STATE_JSON)
 
 
+def _complete_encoder(config: ModelConfig, encoder: Encoder) -> tuple[ModelConfig, Encoder]:
+    """For shipping: the ImageNet classifier head (tags, guided decoding) and the weights' provenance,
+    taken from the encoder's weights (hash-checked) when the checkpoint predates them."""
+    spec = config.encoder
+    if spec.weights.lower() == "none" or (encoder.head is not None and spec.provenance):
+        return config, encoder
+    built, built_config = build_encoder(spec)
+    if encoder.head is None:
+        encoder.head = built.head
+    return ModelConfig.from_json({**config.to_json(), "encoder": built_config.to_json()}), encoder
+
+
 def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copy checkpoints (e.g. runs' ``best/``) into one plain, self-contained directory for shipping:
     encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer
-    state. Several sources of one architecture, vocabulary and encoder become an ensemble."""
+    state. Several sources of one architecture, vocabulary and encoder become an ensemble. An encoder whose
+    weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied:
+    the checkpoint holds the decoder, and loading rebuilds the encoder from the package, hash-checked."""
     loaded = [load_checkpoint(s) for s in sources]
     first = loaded[0]
     for other in loaded[1:]:
@@ -171,7 +187,9 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
     else:
         config = ModelConfig.from_json({**config.to_json(), "members": len(loaded)})
         tensors = {f"decoder.members.{i}.{k}": v for i, m in enumerate(loaded) for k, v in m.decoder_state.items()}
-    tensors |= {f"encoder.{k}": v for k, v in first.encoder.state_dict().items()}
+    config, encoder = _complete_encoder(config, first.encoder)
+    if (config.encoder.name, config.encoder.weights) not in PACKAGED_WEIGHTS:
+        tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     target = Path(target)
     work = target.with_name(target.name + ".partial")
     if work.exists():

@@ -252,7 +252,6 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    import json
     from captioner.api import Captioner, default_checkpoint
     from captioner.evaluate import evaluate, format_table
     captioner = config = checkpoint = None
@@ -271,7 +270,9 @@ def cmd_evaluate(args) -> int:
           + (f"; {summary['failed_count']} could not be captioned and are not scored" if summary["failed"] else ""))
     print(format_table(summary))
     if args.output:
-        args.output.write_text(json.dumps(summary, indent=1))
+        from data_prep.manifest import write_json_atomic
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.output, summary)
         print(f"wrote {args.output}")
     return 1 if summary["failed"] else 0
 

@@ -32,6 +32,10 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # 0: off; n: never repeat an n-gram within one caption
     suppress_unk: bool = True
     seed: int | None = None
+    # Guided decoding (beam only): the caption must name what the encoder's ImageNet head recognises
+    # with at least this probability, when the vocabulary has a word for it (``captioner/guidance.py``).
+    guide: bool = False
+    guide_threshold: float = 0.7  # chosen on Flickr8k val (MODEL_CARD.md): 0.3-0.9 all beat unguided
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -44,6 +48,10 @@ class DecodeConfig:
             raise ConfigError("greedy decoding returns one caption; use beam or sample for several")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.no_repeat_ngram < 0:
             raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram >= 0")
+        if self.guide and self.strategy != "beam":
+            raise ConfigError("guided decoding is a constrained beam search: use it with strategy 'beam'")
+        if not 0 < self.guide_threshold <= 1:
+            raise ConfigError(f"guide_threshold must be in (0, 1], got {self.guide_threshold}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,7 +73,7 @@ def _penalised(logprob: torch.Tensor, length: torch.Tensor, alpha: float) -> tor
 def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: tuple[int, int, int]) -> torch.Tensor:
     """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, tokens completing a seen n-gram."""
     pad_id, start_id, unk_id = specials
-    logp[:, [pad_id, start_id]] = float("-inf")
+    logp[:, pad_id] = logp[:, start_id] = float("-inf")  # two column fills: no index tensor per step
     if config.suppress_unk:
         logp[:, unk_id] = float("-inf")
     n = config.no_repeat_ngram
@@ -107,10 +115,15 @@ def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) ->
 
 @torch.no_grad()
 def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int = 1,
-           end_id: int = 2, pad_id: int = 0, unk_id: int = 3) -> list[list[Hypothesis]]:
-    """(B, D) features -> for each image, ``num_return`` hypotheses best first."""
+           end_id: int = 2, pad_id: int = 0, unk_id: int = 3,
+           constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+    """(B, D) features -> for each image, ``num_return`` hypotheses best first.
+
+    ``constraints`` (beam only): per image, token ids of which the caption must contain at least one
+    (an empty list leaves that image unconstrained).
+    """
     if config.strategy == "beam":
-        return _beam(decoder, features, config, start_id, end_id, pad_id, unk_id)
+        return _beam(decoder, features, config, start_id, end_id, pad_id, unk_id, constraints)
     return _sample(decoder, features, config, start_id, end_id, pad_id, unk_id)
 
 
@@ -179,43 +192,75 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
 
 
 def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int, end_id: int,
-          pad_id: int, unk_id: int) -> list[list[Hypothesis]]:
-    """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step."""
+          pad_id: int, unk_id: int, constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+    """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step.
+
+    With ``constraints`` it is a constrained beam search (Anderson et al., 2017) for one disjunctive
+    constraint: each image keeps two beams of ``k`` hypotheses, group 0 (no constraint word yet) and
+    group 1 (one seen). A constraint word moves a group-0 hypothesis into group 1; the answer comes
+    from group 1 when it holds a hypothesis, else from group 0 (an unconstrained image never
+    reaches group 1, so it decodes exactly like plain beam search).
+    """
     b, k, alpha = features.shape[0], config.beam_size, config.length_penalty
+    g = 1 if constraints is None else 2
     device = features.device
-    state = decoder.init_state(features.repeat_interleave(k, dim=0))  # each (L, B*k, H)
-    n = b * k
+    state = decoder.init_state(features.repeat_interleave(g * k, dim=0))  # each (L, B*g*k, H)
+    n = b * g * k
     prev = torch.full((n,), start_id, dtype=torch.long, device=device)
     history = torch.empty((n, 0), dtype=torch.long, device=device)
-    logprob = torch.zeros(b, k, device=device)
-    logprob[:, 1:] = float("-inf")  # all beams start identical: keep one alive
+    logprob = torch.full((b, g, k), float("-inf"), device=device)
+    logprob[:, 0, 0] = 0.0  # all beams start identical: keep one alive, group 1 starts empty
     length = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    base = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
+    sources = _group_sources(constraints, b, decoder.config.vocab_size, device)
     for _ in range(config.max_len):
-        logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*k, V)
+        logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*g*k, V)
         logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
         v = logp.shape[-1]
-        cand = logprob[:, :, None] + logp.view(b, k, v)  # (B, k, V)
-        cand_len = (length + (~finished).long()).view(b, k, 1).expand(b, k, v)
-        ranked = _penalised(cand, cand_len, alpha).view(b, k * v)
-        top = ranked.topk(k, dim=-1).indices  # (B, k)
-        beam_idx, token = top // v, top % v
-        rows = (base + beam_idx).view(-1)  # (B*k,) source hypothesis of each new beam
-        logprob = cand.view(b, k * v).gather(1, top)
-        length = cand_len.reshape(b, k * v).gather(1, top).view(-1)
-        token = token.view(-1)
-        finished = finished[rows] | (token == end_id)
-        history = torch.cat([history[rows], token[:, None]], dim=1)
-        state = tuple(s.index_select(1, rows) for s in state)
+        cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
+        cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
+        rows, new_lp, new_len, new_tok = [], [], [], []
+        for target, pool in enumerate(sources):
+            # candidates of this group: (source group, allowed tokens (B, V)) pairs, side by side
+            c = torch.cat([cand[:, src].masked_fill(~allowed[:, None, :], float("-inf")) for src, allowed in pool], 1)
+            c_len = torch.cat([cand_len[:, src] for src, _ in pool], 1)  # (B, len(pool)*k, V)
+            top = _penalised(c, c_len, alpha).view(b, -1).topk(k, dim=-1).indices  # (B, k)
+            slot, token = top // v, top % v
+            src_group = torch.tensor([src for src, _ in pool], device=device)[slot // k]  # (B, k)
+            rows.append((torch.arange(b, device=device)[:, None] * g + src_group) * k + slot % k)
+            new_lp.append(c.view(b, -1).gather(1, top))
+            new_len.append(c_len.reshape(b, -1).gather(1, top))
+            new_tok.append(token)
+        rows_t = torch.stack(rows, 1).view(-1)  # (B*g*k,) source hypothesis of each new beam
+        logprob = torch.stack(new_lp, 1)  # (B, g, k)
+        length = torch.stack(new_len, 1).view(-1)
+        token = torch.stack(new_tok, 1).view(-1)
+        finished = finished[rows_t] | (token == end_id)
+        history = torch.cat([history[rows_t], token[:, None]], dim=1)
+        state = tuple(s.index_select(1, rows_t) for s in state)
         prev = token
         if finished.all():
             break
     flat_lp = logprob.view(-1)
-    score = _penalised(flat_lp, length, alpha)
-    hyps = _finish(history, flat_lp, score, end_id, pad_id)
+    hyps = _finish(history, flat_lp, _penalised(flat_lp, length, alpha), end_id, pad_id)
     out = []
     for i in range(b):
-        group = [h for h in hyps[i * k:(i + 1) * k] if h.logprob > float("-inf")]
-        out.append(sorted(group, key=lambda h: -h.score)[: config.num_return])
+        groups = [[h for h in hyps[(i * g + j) * k:(i * g + j + 1) * k] if h.logprob > float("-inf")] for j in range(g)]
+        best = next((grp for grp in reversed(groups) if grp), [])
+        out.append(sorted(best, key=lambda h: -h.score)[: config.num_return])
     return out
+
+
+def _group_sources(constraints: list[list[int]] | None, b: int, v: int,
+                   device: torch.device) -> list[list[tuple[int, torch.Tensor]]]:
+    """Per target group, where its candidates come from: (source group, (B, V)-broadcastable mask of
+    allowed next tokens). Plain search: group 0 from itself, any token. Constrained: group 0 from
+    itself without constraint words; group 1 from itself (any token) and from group 0 by a
+    constraint word."""
+    any_token = torch.ones(b, 1, dtype=torch.bool, device=device)
+    if constraints is None:
+        return [[(0, any_token)]]
+    hit = torch.zeros(b, v, dtype=torch.bool, device=device)  # (B, V): the image's constraint words
+    for i, ids in enumerate(constraints):
+        hit[i, ids] = True
+    return [[(0, ~hit)], [(1, any_token), (0, hit)]]

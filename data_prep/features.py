@@ -32,17 +32,23 @@ INDEX, PROGRESS, ARRAY, FAILURES = "index.json", "progress.json", "features.npy"
 
 
 class ImageFiles(Dataset):
-    """Decodes and preprocesses image files in DataLoader workers; failures come back as messages."""
+    """Decodes and preprocesses image files in DataLoader workers; failures come back as messages.
 
-    def __init__(self, paths: list[str], preprocess: Preprocess) -> None:
+    Large JPEGs are decoded at the smallest DCT scale that still covers ``preprocess.min_side``
+    (``load_image``'s ``min_side``); ``full_decode=True`` decodes every pixel (for comparisons only:
+    on the bundled model's Flickr8k test split both give the same captions, see benchmarks/README.md).
+    """
+
+    def __init__(self, paths: list[str], preprocess: Preprocess, full_decode: bool = False) -> None:
         self.paths, self.preprocess = paths, preprocess
+        self.min_side = None if full_decode else preprocess.min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.preprocess(load_image(self.paths[i])), None
+            return i, self.preprocess(load_image(self.paths[i], min_side=self.min_side)), None
         except ImageLoadError as err:
             return i, None, str(err)
 

@@ -20,20 +20,27 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 def test_caption_and_nbest_for_a_real_image(app_server, good_image) -> None:
-    best, table = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, api_name="/caption")
+    best, table, tags = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, api_name="/caption")
     assert isinstance(best, str) and best.strip()
     assert table["headers"] == ["#", "caption", "log-prob", "score"]
     rows = table["data"]
     assert [r[0] for r in rows] == [1, 2, 3]
     assert rows[0][1] == best
     assert best == app_server.captioner.caption(str(good_image), strategy="beam", beam_size=3)  # same API, same answer
+    expected = app_server.captioner.tags(str(good_image))
+    assert [c["label"] for c in tags.get("confidences") or []] == [f"{t['word']} ({t['imagenet_class']})" for t in expected]
+
+
+def test_guided_caption_through_the_app_equals_the_api(app_server, good_image) -> None:
+    best, _, _ = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, True, api_name="/caption")
+    assert best == app_server.captioner.caption(str(good_image), strategy="beam", beam_size=3, guide=True)
 
 
 def test_bad_upload_is_a_clear_error_and_the_server_keeps_serving(app_server, bad_image, good_image) -> None:
     api = client(app_server.url)
     with pytest.raises(AppError, match=r"broken\.jpg: not an image"):
         api.predict(handle_file(str(bad_image)), *BEAM3, api_name="/caption")
-    best, _ = api.predict(handle_file(str(good_image)), "greedy", 1.0, 1.0, 3, 5, api_name="/caption")
+    best, _, _ = api.predict(handle_file(str(good_image)), "greedy", 1.0, 1.0, 3, 5, api_name="/caption")
     assert best.strip()
 
 
@@ -48,7 +55,7 @@ def test_oversized_upload_is_refused_by_the_server(app_server, good_image, tmp_p
     assert reply.status_code == 413 and "20" in reply.text  # refused, and the reply names the limit
     with pytest.raises(Exception, match="(?i)size|large|413"):
         client(app_server.url).predict(handle_file(str(big)), *BEAM3, api_name="/caption")
-    best, _ = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, api_name="/caption")
+    best, _, _ = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, api_name="/caption")
     assert best.strip()  # still serving
 
 

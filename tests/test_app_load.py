@@ -25,7 +25,7 @@ def rss_mb() -> float:
 def call(url: str, path: str) -> tuple[str, str]:
     """('ok', caption) or ('error', message): one client per request, like separate browser sessions."""
     try:
-        best, _ = client(url).predict(handle_file(path), *BEAM3, api_name="/caption")
+        best, _, _ = client(url).predict(handle_file(path), *BEAM3, api_name="/caption")
         return "ok", best
     except AppError as err:
         return "error", str(err)

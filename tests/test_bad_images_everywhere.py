@@ -57,11 +57,11 @@ def test_app_captions_every_good_upload_and_names_every_bad_one(files, app_serve
     good, bad = files
     api = client(app_server.url)
     for path in good.values():
-        best, _ = api.predict(handle_file(str(path)), *BEAM3, api_name="/caption")
+        best, _, _ = api.predict(handle_file(str(path)), *BEAM3, api_name="/caption")
         assert best.strip(), path
     for name, path in bad.items():
         with pytest.raises(AppError) as caught:
             api.predict(handle_file(str(path)), *BEAM3, api_name="/caption")
         assert path.name in str(caught.value) and REASONS[name] in str(caught.value), (name, str(caught.value))
-    best, _ = api.predict(handle_file(str(good["photo"])), *BEAM3, api_name="/caption")
+    best, _, _ = api.predict(handle_file(str(good["photo"])), *BEAM3, api_name="/caption")
     assert best.strip()  # still serving after all of them
