@@ -11,30 +11,13 @@ import torch
 from torch import nn
 
 from captioner.api import Captioner
-from captioner.config import ModelConfig
 from captioner.decoding import DecodeConfig, decode
-from captioner.encoder import Encoder, EncoderConfig
+from captioner.encoder import Encoder
 from captioner.errors import ConfigError
 from captioner.guidance import IMAGENET_CATEGORIES, WORDS_FILE, Tagger
-from captioner.model import CaptionDecoder
+from test_decoding import decoder, feats  # noqa: F401 (fixtures: a random peaked decoder, features)
 
 BEAM = DecodeConfig(strategy="beam", beam_size=3, num_return=3, max_len=12)
-
-
-@pytest.fixture(scope="module")
-def decoder() -> CaptionDecoder:
-    torch.manual_seed(3)
-    enc = EncoderConfig(name="mobilenet_v2", weights="none", feature_dim=24)
-    dec = CaptionDecoder(ModelConfig(vocab_size=40, encoder=enc, hidden=32, embed=16, dropout=0.0)).eval()
-    with torch.no_grad():
-        dec.out.weight.mul_(8.0)
-        dec.out.bias[2] += 1.5
-    return dec
-
-
-@pytest.fixture(scope="module")
-def feats() -> torch.Tensor:
-    return torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
 
 
 def test_unconstrained_images_decode_exactly_like_plain_beam(decoder, feats):
