@@ -11,17 +11,20 @@ from captioner.errors import USER_ERRORS, ConfigError
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="caption files -> manifest, vocabulary, report")
-    p.add_argument("format", choices=["coco", "karpathy", "flickr8k"])
+    p.add_argument("format", choices=["coco", "karpathy", "flickr8k", "csv", "folder"])
     p.add_argument("captions", nargs="+", type=Path,
-                   help="coco: annotation JSON file(s); karpathy: dataset_*.json; flickr8k: Flickr8k.token.txt")
-    p.add_argument("--images", nargs="+", type=Path, required=True, help="image folder(s)")
+                   help="coco: annotation JSON file(s); karpathy: dataset_*.json; flickr8k: Flickr8k.token.txt; "
+                        "csv: a .csv/.tsv file with image,caption[,split] header; folder: photos + same-name .txt")
+    p.add_argument("--images", nargs="+", type=Path,
+                   help="image folder(s) (required, except for folder: the photos' own folder)")
     p.add_argument("--out", type=Path, required=True, help="data directory to write")
     p.add_argument("--min-count", type=int, default=5, help="minimum training count for a vocabulary word")
     p.add_argument("--max-len", type=int, default=30, help="captions longer than this (tokens) are truncated in training")
     p.add_argument("--split-names", nargs="+", help="coco: split of each annotation file (default train val test)")
-    p.add_argument("--val-size", type=int, default=0, help="coco: images cut from the first file into 'val'")
-    p.add_argument("--test-size", type=int, default=0, help="coco: images cut from the first file into 'test'")
-    p.add_argument("--seed", type=int, default=0, help="coco: seed of the val/test cut")
+    p.add_argument("--val-size", type=int, default=0,
+                   help="coco: images cut from the first file into 'val'; csv (no split column), folder: from all")
+    p.add_argument("--test-size", type=int, default=0, help="images cut into 'test' (as --val-size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val/test cut")
     p.add_argument("--split-file", action="append", default=[], metavar="SPLIT=PATH",
                    help="flickr8k: split list (default: Flickr_8k.{train,dev,test}Images.txt beside the token file)")
     p.add_argument("--strict", action="store_true", help="fail on a bad image instead of skipping it")
@@ -31,10 +34,23 @@ def cmd_prepare(args) -> int:
     from data_prep.prepare import PrepareConfig, prepare
     from data_prep.readers import read_coco, read_flickr8k, read_karpathy
 
+    from data_prep.custom import read_folder, read_table
+
     skips: list[dict] = []
-    if args.format != "coco" and len(args.images) != 1:
+    if args.format in ("csv", "folder") and len(args.captions) != 1:
+        raise ConfigError(f"prepare {args.format} takes one {'file' if args.format == 'csv' else 'folder'} "
+                          f"(got {len(args.captions)})")
+    if args.images is None and args.format != "folder":
+        raise ConfigError(f"prepare {args.format} needs --images FOLDER")
+    if args.format != "coco" and args.images is not None and len(args.images) != 1:
         raise ConfigError(f"prepare {args.format} takes one --images folder (got {len(args.images)})")
-    if args.format == "coco":
+    if args.format == "csv":
+        records, skips = read_table(args.captions[0], args.images[0], args.val_size, args.test_size, args.seed)
+    elif args.format == "folder":
+        if args.images is not None and args.images[0].resolve() != args.captions[0].resolve():
+            raise ConfigError("prepare folder reads the photos from the folder given; leave out --images")
+        records, skips = read_folder(args.captions[0], args.val_size, args.test_size, args.seed)
+    elif args.format == "coco":
         records = read_coco(args.captions, args.images, args.split_names, args.val_size, args.test_size, args.seed)
     elif args.format == "karpathy":
         records = read_karpathy(args.captions[0], args.images[0])
@@ -49,9 +65,16 @@ def cmd_prepare(args) -> int:
     config = PrepareConfig(min_count=args.min_count, max_len=args.max_len, strict=args.strict)
     report = prepare(records, args.out, f"{args.format}:{','.join(map(str, args.captions))}", config, skips)
     print(f"images per split: {report['images']}; captions: {report['captions']}")
-    print(f"vocabulary: {report['vocab_size']} words (min count {args.min_count}); "
-          f"{report['unk']['distinct_words']} rare words -> <unk>; skipped {report['skipped_count']} item(s)")
-    print(f"wrote {args.out}/manifest.json, vocab.json, prepare_report.json")
+    if report["vocab_size"] is None:
+        print(f"no training split: no vocabulary (evaluation uses the checkpoint's); "
+              f"skipped {report['skipped_count']} item(s)")
+    else:
+        print(f"vocabulary: {report['vocab_size']} words (min count {args.min_count}); "
+              f"{report['unk']['distinct_words']} rare words -> <unk>; skipped {report['skipped_count']} item(s)")
+    if report["skipped_by_reason"]:
+        print("skipped: " + "; ".join(f"{n} {why}" for why, n in list(report["skipped_by_reason"].items())[:8]))
+    print(f"wrote {args.out}/manifest.json, " + ("vocab.json, " if report["vocab_size"] is not None else "")
+          + "prepare_report.json")
     return 0
 
 
@@ -253,6 +276,8 @@ def _add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from captioner.api import Captioner, default_checkpoint
+    from collections import Counter
+
     from captioner.evaluate import evaluate, format_table
     captioner = config = checkpoint = None
     if args.results is None:
@@ -266,6 +291,11 @@ def cmd_evaluate(args) -> int:
     for failure in summary["failed"]:
         print(f"warning: image id {failure['image_id']}: {failure['path']}: {failure['error']}; not scored",
               file=sys.stderr)
+    if summary["left_out_by_prepare"]:
+        reasons = Counter(s["error"] for s in summary["left_out_by_prepare"])
+        print(f"warning: {summary['left_out_by_prepare_count']} image(s) of split {args.split!r} were left out by "
+              f"`captioner prepare` and are not scored ({'; '.join(f'{n} {why}' for why, n in reasons.most_common(4))}; "
+              f"listed in {args.data_dir / 'prepare_report.json'})", file=sys.stderr)
     print(f"{summary['images']} images of split {args.split!r}" + (f", {config.strategy}" if config else "")
           + (f"; {summary['failed_count']} could not be captioned and are not scored" if summary["failed"] else ""))
     print(format_table(summary))

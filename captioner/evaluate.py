@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.captions import references
-from data_prep.manifest import Record, load_manifest, split_records, write_json_atomic
+from data_prep.manifest import REPORT, Record, load_manifest, split_records, write_json_atomic
 from data_prep.tokenizer import tokenize
 
 from .api import Captioner
@@ -97,6 +97,18 @@ def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list
     return out
 
 
+def left_out_by_prepare(data_dir: Path, split: str) -> list[dict]:
+    """Images of ``split`` that ``captioner prepare`` left out of the manifest (missing or unreadable photos),
+    as its report lists them: a set where only some photos are present is scored on the ones there are."""
+    path = Path(data_dir) / REPORT
+    try:
+        skipped = json.loads(path.read_text(encoding="utf-8")).get("skipped", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [{"image_id": s.get("id"), "path": s.get("image"), "error": s.get("reason")}
+            for s in skipped if isinstance(s, dict) and s.get("split") == split]
+
+
 def score(records: list[Record], captions: dict[int, str]) -> dict[str, float]:
     """Tokenise hypotheses and references the same way and compute every metric."""
     refs = references(records)
@@ -135,7 +147,9 @@ def evaluate(data_dir: Path, split: str, captioner: Captioner | None = None, con
                            f"(first: {failed[0]['path']}: {failed[0]['error']})")
     metrics = score(records, captions)
     lengths = [len(tokenize(c)) for c in captions.values()]
+    left_out = left_out_by_prepare(data_dir, split)
     summary = {**metrics, "images": len(records), "failed_count": len(failed), "failed": failed,
+               "left_out_by_prepare_count": len(left_out), "left_out_by_prepare": left_out,
                "split": split, "data_dir": str(data_dir),
                "checkpoint": checkpoint, "results": str(results) if results else None, "from_cache": from_cache,
                "decoding": config.to_json() if config else None, "warnings": warnings,

@@ -59,6 +59,26 @@ def read_coco_file(path: Path, images_dir: Path, split: str) -> list[Record]:
     return [Record(i, str(images_dir / files[i]), split, captions.get(i, [])) for i in sorted(files)]
 
 
+def cut_splits(train: list[Record], val_size: int, test_size: int, seed: int, source: str) -> None:
+    """Move a seeded random ``val_size`` images of ``train`` into 'val' and the next ``test_size`` into 'test'.
+
+    The order is a shuffle of the records sorted by id, so the same ids and seed give the same cut on any
+    machine; the three parts are disjoint by construction."""
+    if not (val_size or test_size):
+        return
+    if val_size < 0 or test_size < 0:
+        raise DatasetError(f"--val-size and --test-size must not be negative (got {val_size}, {test_size})")
+    if val_size + test_size >= len(train):
+        raise DatasetError(f"--val-size + --test-size ({val_size + test_size}) must be smaller than "
+                           f"the {len(train)} images of {source}")
+    order = sorted(train, key=lambda r: r.id)
+    random.Random(seed).shuffle(order)
+    for r in order[:val_size]:
+        r.split = "val"
+    for r in order[val_size:val_size + test_size]:
+        r.split = "test"
+
+
 def read_coco(paths: list[Path], images_dirs: list[Path], split_names: list[str] | None,
               val_size: int = 0, test_size: int = 0, seed: int = 0) -> list[Record]:
     """Several COCO files, each a split; optionally cut seeded val/test slices from the first (train)."""
@@ -71,17 +91,7 @@ def read_coco(paths: list[Path], images_dirs: list[Path], split_names: list[str]
     records: list[Record] = []
     for path, images_dir, split in zip(paths, dirs, split_names):
         records += read_coco_file(path, images_dir, split)
-    if val_size or test_size:
-        train = [r for r in records if r.split == split_names[0]]
-        if val_size + test_size >= len(train):
-            raise DatasetError(f"--val-size + --test-size ({val_size + test_size}) must be smaller than "
-                               f"the {len(train)} images of {paths[0]}")
-        order = sorted(train, key=lambda r: r.id)
-        random.Random(seed).shuffle(order)
-        for r in order[:val_size]:
-            r.split = "val"
-        for r in order[val_size:val_size + test_size]:
-            r.split = "test"
+    cut_splits([r for r in records if r.split == split_names[0]], val_size, test_size, seed, str(paths[0]))
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise DatasetError("the same image id appears in more than one annotation file")
