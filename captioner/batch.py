@@ -18,6 +18,7 @@ from data_prep.manifest import load_manifest
 from .api import Captioner, ImageResult
 from .decoding import DecodeConfig
 from .images import IMAGE_EXTENSIONS
+from .metadata import MetadataWriter
 
 FORMATS = ("jsonl", "csv", "coco")
 CSV_FIELDS = ("path", "caption", "score", "logprob", "error")
@@ -173,8 +174,10 @@ def image_ids(paths: list[str], data_dir: Path | None) -> dict[str, int]:
 
 def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, out: Path | None, fmt: str,
                   resume: bool = False, data_dir: Path | None = None, batch_size: int = 32, workers: int = 2,
-                  decode_batch: int = 256) -> dict:
-    """Caption every input not already in the output; return a summary with counts and failures."""
+                  decode_batch: int = 256, metadata: MetadataWriter | None = None) -> dict:
+    """Caption every input not already in the output; return a summary with counts and failures.
+    With ``metadata``, each captioned photo gets its caption written into / beside it before its record is
+    written, and the record lists what was written (``"metadata"``); write errors count as failures."""
     sink = Sink(out, fmt, resume)
     ids = image_ids(inputs.files, data_dir) if fmt == "coco" else {}
     todo = [p for p in inputs.files if p not in sink.done]
@@ -185,12 +188,16 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
         for result in captioner.stream(todo, config, batch_size, workers, decode_batch):
             if result.error is None and fmt == "coco" and result.source not in ids:
                 result = ImageResult(result.source, [], "no image id (give --data DATA_DIR, or use COCO's numeric file names)")
-            sink.write(_record(result, ids.get(result.source)))
+            record = _record(result, ids.get(result.source))
+            if metadata is not None and "error" not in record:
+                record["metadata"] = metadata.write(result.source, record["caption"])
+            sink.write(record)
             bar.update(1)
         complete = True
     finally:
         bar.close()
         sink.close(complete)
     failures += [{"path": r["path"], "error": r["error"]} for r in sink.done.values() if "error" in r]
+    failures += metadata.failures() if metadata is not None else []
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
             "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored}

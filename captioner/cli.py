@@ -241,6 +241,14 @@ def _add_caption(sub) -> None:
     p.add_argument("--decode-batch", type=int, default=256,
                    help="images whose features are decoded together (larger: faster on a CPU; results are "
                         "written, and kept by --resume, in groups of this size)")
+    from captioner.metadata import parse_kinds
+    p.add_argument("--write-metadata", type=parse_kinds, action="extend", metavar="KIND[,KIND]",
+                   help="write each caption into the photo where photo tools read it: xmp (dc:description + "
+                        "alt text), exif (ImageDescription), iptc (Caption-Abstract), sidecar (photo.xmp + "
+                        "photo.txt); e.g. xmp,exif (captioner/metadata.py)")
+    p.add_argument("--dry-run", action="store_true", help="--write-metadata: show what would be written, write nothing")
+    p.add_argument("--overwrite-existing", action="store_true",
+                   help="--write-metadata: replace a description already there (default: skip that photo)")
     _add_decode_args(p)
 
 
@@ -252,13 +260,23 @@ def cmd_caption(args) -> int:
     fmt = infer_format(args.output, args.format)
     if fmt == "coco" and args.output is None:
         raise ConfigError("--format coco needs -o FILE.json")
+    writer = None
+    if args.write_metadata:
+        from captioner.metadata import MetadataWriter
+        writer = MetadataWriter(list(dict.fromkeys(args.write_metadata)), args.dry_run, args.overwrite_existing)
+    elif args.dry_run or args.overwrite_existing:
+        raise ConfigError("--dry-run and --overwrite-existing only go with --write-metadata KIND")
     summary = caption_files(captioner, expand_inputs(args.images), config, args.output, fmt, args.resume,
-                            args.data, args.batch_size, args.workers, args.decode_batch)
+                            args.data, args.batch_size, args.workers, args.decode_batch, metadata=writer)
+    for line in writer.notes() if writer else []:
+        print(line, file=sys.stderr)
     for failure in summary["failed"]:
         print(f"error: {failure['path']}: {failure['error']}", file=sys.stderr)
     print(f"captioned {summary['captioned']} of {summary['images']} image(s)"
           + (f" ({summary['resumed']} from a previous run)" if summary["resumed"] else "") + "; "
           f"{len(summary['failed'])} failed" + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
+    if writer:
+        print(writer.summary(), file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 
