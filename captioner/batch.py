@@ -200,4 +200,5 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     failures += [{"path": r["path"], "error": r["error"]} for r in sink.done.values() if "error" in r]
     failures += metadata.failures() if metadata is not None else []
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
-            "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored}
+            "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored,
+            "records": [*sink.done.values(), *failures[:len(inputs.missing)]]}  # every input once, for --html

@@ -1,4 +1,4 @@
-"""``captioner`` command line: prepare, features, train, caption, evaluate, gradflow."""
+"""``captioner`` command line: prepare, features, train, caption, evaluate, gradflow, export, report."""
 
 from __future__ import annotations
 
@@ -249,7 +249,16 @@ def _add_caption(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="--write-metadata: show what would be written, write nothing")
     p.add_argument("--overwrite-existing", action="store_true",
                    help="--write-metadata: replace a description already there (default: skip that photo)")
+    _add_html_args(p)
     _add_decode_args(p)
+
+
+def _add_html_args(p, required: bool = False) -> None:
+    p.add_argument("--html", type=Path, required=required,
+                   help="write a self-contained HTML gallery of the results here (captioner/report.py)")
+    p.add_argument("--link-images", action="store_true",
+                   help="--html: link the photos (relative to the report) instead of embedding thumbnails; "
+                        "for huge libraries (the report then only works beside the photos)")
 
 
 def cmd_caption(args) -> int:
@@ -277,7 +286,28 @@ def cmd_caption(args) -> int:
           f"{len(summary['failed'])} failed" + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
     if writer:
         print(writer.summary(), file=sys.stderr)
+    if args.html:
+        from captioner.report import write_report
+        write_report(summary["records"], args.html, args.link_images, progress=True)
+        print(f"wrote {args.html}", file=sys.stderr)
     return 1 if summary["failed"] else 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="a results file of `captioner caption` (JSONL or CSV) -> HTML gallery")
+    p.add_argument("results", type=Path, help="captions.jsonl or captions.csv")
+    _add_html_args(p, required=True)
+    p.add_argument("--title", help="page title (default: 'captioner report: N image(s)')")
+
+
+def cmd_report(args) -> int:
+    from captioner.report import read_results, write_report
+    counts = write_report(read_results(args.results), args.html, args.link_images,
+                          results_dir=args.results.parent, title=args.title, progress=True)
+    gone = counts["thumb_errors"]
+    print(f"wrote {args.html}: {counts['images']} image(s), {counts['errors']} unreadable"
+          + (f", {gone} without a thumbnail (moved or changed since?)" if gone else ""))
+    return 0
 
 
 def _add_evaluate(sub) -> None:
@@ -356,7 +386,7 @@ def cmd_export(args) -> int:
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
             "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, _cmd_gradflow),
-            "export": (_add_export, cmd_export)}
+            "export": (_add_export, cmd_export), "report": (_add_report, cmd_report)}
 
 
 def build_parser() -> argparse.ArgumentParser:
