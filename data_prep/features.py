@@ -12,13 +12,15 @@ are not lost to one bad file): its row stays empty, it is listed in the report, 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder
@@ -51,6 +53,17 @@ class ImageFiles(Dataset):
             return i, self.preprocess(load_image(self.paths[i], min_side=self.min_side)), None
         except ImageLoadError as err:
             return i, None, str(err)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:
+        """A DataLoader batch. In the main process (no workers: ``stream`` on a CPU) its images are decoded
+        on every core at once, as JPEG decoding and resizing release the GIL; otherwise the cores but one
+        would idle between encoder batches. Why: entropy-decoding a 12 MP JPEG costs ~9 ms on one core
+        even at 1/8 scale, more than the rest of the pipeline spends per image."""
+        threads = min(len(indices), os.cpu_count() or 1)
+        if get_worker_info() is not None or threads < 2:
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self.__getitem__, indices))
 
 
 def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]):

@@ -1,0 +1,82 @@
+"""Single-photo latency on a CPU: ``Captioner.caption(path)`` with the decoder step on one thread at few rows
+(``CaptionDecoder.ONE_THREAD_ROWS``, the default) against the step on all of torch's threads (the old
+behaviour, ``ONE_THREAD_ROWS = 0``: ``lstm_cell`` + ``nn.Linear`` on all threads), interleaved in one run so both see the same machine load, next to one
+encoder call at batch 1; and a check that the captions are the same both ways on real test photos.
+
+    python benchmarks/single_photo.py                  # 200 Flickr8k test photos, 5 interleaved rounds
+    python benchmarks/single_photo.py --photos 50 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a plain checkout
+
+import torch  # noqa: E402
+
+from captioner.api import Captioner  # noqa: E402
+from captioner.images import load_image  # noqa: E402
+from captioner.model import CaptionDecoder  # noqa: E402
+
+FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+ONE_THREAD_ROWS = CaptionDecoder.ONE_THREAD_ROWS
+
+
+def ms(values: list[float], q: float) -> str:
+    return f"{statistics.quantiles(values, n=100)[q - 1] * 1e3:.1f}" if q != 50 else f"{statistics.median(values) * 1e3:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
+    parser.add_argument("--photos", type=int, default=200, help="first N Flickr8k test photos")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over 40 photos")
+    args = parser.parse_args(argv)
+    names = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()[: args.photos]
+    paths = [str(FLICKR8K / "images" / n) for n in names]
+    cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    print(f"# {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
+
+    def with_rows(rows: int, fn):
+        CaptionDecoder.ONE_THREAD_ROWS = rows
+        try:
+            return fn()
+        finally:
+            CaptionDecoder.ONE_THREAD_ROWS = ONE_THREAD_ROWS
+
+    changed = {}
+    for name, options in (("greedy", {}), ("beam3", {"strategy": "beam", "beam_size": 3})):
+        new = [cap.caption(p, **options) for p in paths]
+        old = with_rows(0, lambda: [cap.caption(p, **options) for p in paths])
+        changed[name] = sum(a != b for a, b in zip(new, old))
+        print(f"caption(path) {name} on {len(paths)} test photos: {changed[name]} captions differ")
+
+    timed = paths[:40]
+    pixels = [cap.preprocess(load_image(p))[None] for p in timed]
+    wall: dict[str, list[float]] = {"encode b1": [], "caption one thread": [], "caption all threads": []}
+    for _ in range(args.rounds):  # per photo: the encoder alone, then both ways, so all see the same load
+        for x, p in zip(pixels, timed):
+            t0 = time.perf_counter()
+            cap.encode(x)
+            wall["encode b1"].append(time.perf_counter() - t0)
+            for label, rows in (("caption one thread", ONE_THREAD_ROWS), ("caption all threads", 0)):
+                t0 = time.perf_counter()
+                with_rows(rows, lambda: cap.caption(p))
+                wall[label].append(time.perf_counter() - t0)
+    enc = statistics.median(wall["encode b1"])
+    for label, values in wall.items():
+        print(f"{label:22s} p10 {ms(values, 10)} ms, p50 {ms(values, 50)} ms, p90 {ms(values, 90)} ms"
+              + ("" if label == "encode b1" else f"; p50 / encode b1 p50 = {statistics.median(values) / enc:.2f}"))
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
+    return 1 if any(changed.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

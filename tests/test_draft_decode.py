@@ -1,0 +1,126 @@
+"""Large JPEGs are decoded at a reduced DCT scale (``load_image(src, min_side=...)``): camera photos load
+several times faster, give the pixels and captions of a full decode, keep their EXIF orientation, and
+decompression bombs are still refused from the header."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.api import Captioner
+from captioner.encoder import Preprocess
+from captioner.images import ImageLoadError, load_image
+from conftest import draw
+
+CAMERA = (4000, 3000)
+
+
+def camera_jpeg(path: Path, size: tuple[int, int] = CAMERA, orientation: int | None = None) -> Path:
+    """A 12 MP quality-90 JPEG with photo-like content: a drawn scene upscaled, plus sensor-like noise."""
+    scene = draw("red", "square", "white", size=120).resize((160, 120))
+    big = np.asarray(scene.resize(size, Image.BICUBIC), dtype=np.int16)
+    noise = np.random.default_rng(0).integers(-6, 7, big.shape, dtype=np.int16)
+    img = Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8))
+    if orientation is None:
+        img.save(path, quality=90)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(path, quality=90, exif=exif.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    return camera_jpeg(tmp_path_factory.mktemp("camera") / "camera.jpg")
+
+
+@pytest.fixture(scope="module")
+def good_small(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("small") / "flickr_size.jpg"
+    draw("blue", "circle", "black", size=80).resize((500, 375)).save(path, quality=90)
+    return path
+
+
+def best_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def test_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_min_side(photo):
+    assert load_image(photo).size == CAMERA
+    assert load_image(photo, min_side=256).size == (500, 375)  # 1/8: shorter side 375 >= 256
+    assert load_image(photo, min_side=400).size == (1000, 750)  # 1/8 would give 375 < 400: 1/4
+    assert load_image(photo, min_side=3000).size == CAMERA  # no smaller scale covers it
+
+
+def test_small_images_and_other_inputs_are_unaffected(good_small):
+    assert load_image(good_small, min_side=256).size == (500, 375)  # 1/2 would give 188 < 256
+    pil = Image.new("RGB", CAMERA)
+    assert load_image(pil, min_side=256).size == CAMERA  # already decoded: nothing to draft
+
+
+def test_drafted_decode_is_much_faster(photo):
+    load_image(photo, min_side=256)  # warm-up
+    full = best_of(3, lambda: load_image(photo))
+    drafted = best_of(3, lambda: load_image(photo, min_side=256))
+    assert drafted * 3 < full, (drafted, full)  # measured ~10x on 2 cores
+
+
+def test_preprocessed_pixels_match_the_full_decode(photo):
+    pre = Preprocess()
+    full = pre(load_image(photo))
+    drafted = pre(load_image(photo, min_side=pre.min_side))
+    assert full.shape == drafted.shape == (3, 224, 224)
+    diff = (full - drafted).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.5, (diff.mean(), diff.max())  # normalised units (std ~1)
+
+
+def test_exif_rotated_large_jpeg_is_oriented_like_the_full_decode(tmp_path):
+    path = camera_jpeg(tmp_path / "rotated.jpg", orientation=6)  # stored 4000x3000, displayed 90 deg CW
+    full = load_image(path)
+    drafted = load_image(path, min_side=256)
+    assert full.size == (3000, 4000) and drafted.size == (375, 500)
+    reference = np.asarray(full.resize(drafted.size, Image.BOX), dtype=np.float32)
+    assert np.abs(reference - np.asarray(drafted, dtype=np.float32)).mean() < 4.0
+
+
+def test_captions_equal_the_full_decode(trained_run, photo):
+    cap = Captioner.from_pretrained(trained_run / "best", device="cpu")
+    full = load_image(photo)  # a PIL image is used as given: every pixel decoded
+    assert cap.caption(str(photo)) == cap.caption(full)
+    assert cap.caption(str(photo), strategy="beam", beam_size=3) == cap.caption(full, strategy="beam", beam_size=3)
+
+
+def jpeg_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny valid JPEG whose frame header is patched to claim ``width`` x ``height`` pixels."""
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: marker, length(2), precision(1), height(2), width(2)
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_jpeg_bomb_is_still_refused_from_the_header(tmp_path):
+    bomb = jpeg_claiming(tmp_path / "bomb.jpg", 20000, 20000)  # 400 Mpixel; 1/8 would be only 6 Mpixel
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(bomb, min_side=256)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_bomb_limit_judges_the_full_size_not_the_drafted_one(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1500), (10, 120, 200)).save(path, quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 3 Mpixel > 2x the limit: refused
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(path, min_side=256)  # although its 1/4 draft (500x375) would be tiny
