@@ -220,7 +220,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
         cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
         rows, new_lp, new_len, new_tok = [], [], [], []
-        for target, pool in enumerate(sources):
+        for pool in sources:  # each target group's new k beams
             # candidates of this group: (source group, allowed tokens (B, V)) pairs, side by side
             c = torch.cat([cand[:, src].masked_fill(~allowed[:, None, :], float("-inf")) for src, allowed in pool], 1)
             c_len = torch.cat([cand_len[:, src] for src, _ in pool], 1)  # (B, len(pool)*k, V)

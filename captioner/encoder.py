@@ -320,6 +320,7 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     normalised pixels (momentum None, train-mode forward passes, no gradients); weights unchanged.
     Returns the number of images seen."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
@@ -329,8 +330,8 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
         for pixels in batches:
             model(pixels)
             seen += len(pixels)
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     model.eval()
     return seen
 

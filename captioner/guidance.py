@@ -80,16 +80,12 @@ class Tagger:
     def _tags(self, features: torch.Tensor, threshold: float, top: int) -> list[list[tuple[Tag, int]]]:
         words, probs = self.word_probs(features)
         mapped = self.class_word.to(probs.device)
-        values, ids = words.topk(min(top, words.shape[1]), dim=1)
-        out = []
-        for row, (vals, idx) in enumerate(zip(values.tolist(), ids.tolist())):
-            found = []
-            for p, i in zip(vals, idx):
-                if p >= threshold and p > 0:
-                    cls = int((probs[row] * (mapped == i)).argmax())  # the class behind most of it
-                    found.append((Tag(self.words[i], round(p, 4), self.categories[cls]), cls))
-            out.append(found)
-        return out
+        values, ids = words.topk(min(top, words.shape[1]), dim=1)  # (B, top)
+        # the class behind most of each tag: its most probable class among those named by that word
+        behind = (probs[:, None, :] * (mapped[None, None, :] == ids[:, :, None])).argmax(-1)  # (B, top)
+        return [[(Tag(self.words[i], round(p, 4), self.categories[c]), c) for p, i, c in zip(vals, idx, cls)
+                 if p >= threshold and p > 0]
+                for vals, idx, cls in zip(values.tolist(), ids.tolist(), behind.tolist())]
 
     def constraints(self, features: torch.Tensor, threshold: float, vocab_words: dict[str, int]) -> list[list[int]]:
         """Per image, the token ids a guided caption must contain one of: the most probable tag word
