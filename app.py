@@ -3,7 +3,8 @@
 A thin UI over ``captioner.Captioner``: the model is loaded once at start and every request goes
 through the same loader, preprocessing and decoder as the CLI, so the demo shows exactly what the
 evaluated model does. Tab "Caption" captions an uploaded / pasted / webcam image with the chosen
-decoding strategy; tab "Why LSTM" explains (and, when ``docs/gradflow.png`` exists, shows) why the
+decoding strategy; tab "Explain" shows, for each word of the caption, the pixels it came from (Grad-CAM,
+``captioner/explain.py``); tab "Why LSTM" explains (and, when ``docs/gradflow.png`` exists, shows) why the
 decoder is an LSTM and not a vanilla RNN.
 """
 
@@ -20,11 +21,14 @@ import gradio as gr
 from captioner.api import Captioner
 from captioner.decoding import STRATEGIES
 from captioner.errors import USER_ERRORS
+from captioner.explain import overlay
+from captioner.fetch import MAX_IMAGE_BYTES, FetchConfig, is_url
 from captioner.images import ImageLoadError
 
 ROOT = Path(__file__).resolve().parent
 GRADFLOW_PNG = ROOT / "docs" / "gradflow.png"
-MAX_FILE_SIZE = "20mb"  # a phone photo fits; a multi-hundred-MB upload is refused before it is stored
+MAX_FILE_SIZE = MAX_IMAGE_BYTES  # uploads and image URLs share one limit (captioner/fetch.py)
+PUBLIC_URLS = FetchConfig(allow_private=False)  # a public demo must not fetch from its own network (SSRF)
 CONCURRENCY, QUEUE_SIZE = 2, 64  # two decodes at a time keep a small CPU box responsive; the rest wait
 MAX_CAPTIONS, MAX_BEAM = 10, 10  # slider ranges; also enforced for API clients, which bypass the sliders
 
@@ -47,7 +51,8 @@ def example_images() -> list[str]:
 
 
 def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, temperature: float, top_p: float,
-                   beam_size: float, num_return: float, guide: bool = False) -> tuple[str, list[list], dict]:
+                   beam_size: float, num_return: float, guide: bool = False,
+                   url: str | None = None) -> tuple[str, list[list], dict]:
     """One request: the best caption, the n-best table and what the CNN recognises (caption word ->
     probability, for ``gr.Label``); bad input becomes a ``gr.Error`` shown in the UI.
 
@@ -56,9 +61,15 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
     ``captioner.images.load_image`` (EXIF, modes, bomb guard). ``upload`` is therefore gradio's file
     payload (its path already checked to lie in gradio's upload folder), and the controls arrive
     unchecked, so their bounds are enforced here for API clients too.
+
+    Without an upload, ``url`` (the "Image URL" box) is fetched under ``PUBLIC_URLS``; text that is not
+    a URL is refused, never opened as a path on the server.
     """
-    if upload is None:
-        raise gr.Error("No image: upload, paste or capture one first.", print_exception=False)
+    source = upload["path"] if upload is not None else (url or "").strip()
+    if not source:
+        raise gr.Error("No image: upload, paste or capture one, or give an image URL.", print_exception=False)
+    if upload is None and not is_url(source):
+        raise gr.Error(f"{source}: not a URL (give an http:// or https:// address)", print_exception=False)
     try:
         beams, count = int(beam_size), int(num_return)
         if beams > MAX_BEAM or count > MAX_CAPTIONS:
@@ -68,15 +79,42 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count,
                                          guide=bool(guide) and strategy == "beam" and captioner.can_tag)
-        features = captioner.features([upload["path"]])
+        features = captioner.features([source], fetch=PUBLIC_URLS)
         nbest = captioner.generate(features, config)[0]
         tags = captioner.tagger.tags(features, threshold=0.05)[0] if captioner.can_tag else []
     except ImageLoadError as err:  # name the file as the user knows it, not by gradio's cache path
-        raise gr.Error(f"{upload.get('orig_name') or 'upload'}: {err.reason}", print_exception=False) from None
+        name = source if upload is None else upload.get("orig_name") or "upload"
+        raise gr.Error(f"{name}: {err.reason}", print_exception=False) from None
     except (TypeError, ValueError) as err:
         raise gr.Error(str(err), print_exception=False) from None
-    table = [[i + 1, h["caption"], h["logprob"], h["score"]] for i, h in enumerate(nbest)]
-    return nbest[0]["caption"], table, {f"{t.word} ({t.imagenet_class})": t.prob for t in tags}
+    # a calibrated model (captioner/confidence.py) adds each caption's confidence, also beside the best caption
+    table = [[i + 1, h["caption"], *([h["confidence"]] if "confidence" in h else []), h["logprob"], h["score"]]
+             for i, h in enumerate(nbest)]
+    best = nbest[0]["caption"]
+    if "confidence" in nbest[0]:
+        best = gr.Textbox(value=best, label=f"Best caption \u00b7 confidence {nbest[0]['confidence']:.2f} "
+                                            "(calibrated chance that it is a good caption: docs/calibration.md)")
+    return best, table, {f"{t.word} ({t.imagenet_class})": t.prob for t in tags}
+
+
+EXPLAIN_OPTIONS = {"strategy": "beam", "beam_size": 3}  # the Caption tab's default settings
+
+
+def explain_upload(captioner: Captioner, upload: dict | None, guide: bool = False) -> tuple[str, gr.Radio, object, list]:
+    """The Explain tab: the caption (beam 3), a word picker, the first word's map and every word's map
+    (kept in the session's state, so picking a word costs nothing). Called with ``preprocess=False``
+    for the same reason as ``caption_upload``."""
+    if upload is None:
+        raise gr.Error("No image: upload or paste one first.", print_exception=False)
+    try:
+        expl = captioner.explain(upload["path"], guide=bool(guide) and captioner.can_tag, **EXPLAIN_OPTIONS)
+    except ImageLoadError as err:
+        raise gr.Error(f"{upload.get('orig_name') or 'upload'}: {err.reason}", print_exception=False) from None
+    except USER_ERRORS as err:
+        raise gr.Error(str(err), print_exception=False) from None
+    maps = [overlay(expl, i) for i in range(len(expl.words))]
+    words = gr.Radio(choices=[(w, i) for i, w in enumerate(expl.words)], value=0 if maps else None)
+    return expl.caption, words, maps[0] if maps else expl.image, maps
 
 
 WHY_LSTM = """
@@ -112,6 +150,8 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                 with gr.Column():
                     image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
                                      label="Image", elem_id="image")
+                    image_url = gr.Textbox(label="Image URL", placeholder="https://... (used when no image is given)",
+                                           max_lines=1, elem_id="image-url")
                     if examples := example_images():
                         gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Example images")
                 with gr.Column():
@@ -131,15 +171,40 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column(scale=2):
                     caption = gr.Textbox(label="Best caption", elem_id="caption", interactive=False)
-                    nbest = gr.Dataframe(headers=["#", "caption", "log-prob", "score"],
-                                         datatype=["number", "str", "number", "number"], label="N-best",
-                                         column_widths=["8%", "58%", "17%", "17%"], wrap=True,
+                    calibrated = getattr(captioner, "calibration", None) is not None  # None: UI-only (tests)
+                    nbest = gr.Dataframe(headers=["#", "caption", *(["confidence"] if calibrated else []), "log-prob",
+                                                  "score"],
+                                         datatype=["number", "str", *(["number"] if calibrated else []), "number",
+                                                   "number"], label="N-best",
+                                         column_widths=["8%", "46%", "14%", "16%", "16%"] if calibrated
+                                         else ["8%", "58%", "17%", "17%"], wrap=True,
                                          interactive=False, elem_id="nbest")
                     tags = gr.Label(label="Recognised by the CNN (caption word, ImageNet class)", num_top_classes=5,
                                     elem_id="tags")
             button.click(functools.partial(caption_upload, captioner),
-                         inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide],
+                         inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide, image_url],
                          outputs=[caption, nbest, tags], api_name="caption", preprocess=False)
+        with gr.Tab("Explain"):
+            gr.Markdown("Which pixels made the model say each word: click a word of the caption to see its "
+                        "Grad-CAM map (red: most support; the dimmed border was cropped away before the CNN).")
+            with gr.Row():
+                with gr.Column():
+                    explain_image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
+                                             elem_id="explain-image")
+                    explain_guide = gr.Checkbox(value=True, label="Name what the CNN recognises",
+                                                elem_id="explain-guide")
+                    explain_button = gr.Button("Explain", variant="primary", elem_id="explain-button")
+                with gr.Column(scale=2):
+                    explain_caption = gr.Textbox(label="Caption", interactive=False, elem_id="explain-caption")
+                    explain_words = gr.Radio(label="Words of the caption", elem_id="explain-words")
+                    explain_map = gr.Image(label="Where the word comes from", interactive=False, format="png",
+                                           elem_id="explain-map")
+            explain_maps = gr.State([], time_to_live=3600)
+            explain_button.click(functools.partial(explain_upload, captioner), inputs=[explain_image, explain_guide],
+                                 outputs=[explain_caption, explain_words, explain_map, explain_maps],
+                                 api_name="explain", preprocess=False)
+            explain_words.change(lambda i, maps: maps[i] if i is not None and i < len(maps) else None,
+                                 inputs=[explain_words, explain_maps], outputs=[explain_map], api_name=False)
         with gr.Tab("Why LSTM"):
             if GRADFLOW_PNG.is_file():
                 gr.Image(str(GRADFLOW_PNG), label="Gradient norm through time (captioner gradflow)",

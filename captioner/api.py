@@ -20,10 +20,13 @@ from data_prep.tokenizer import detokenize
 from data_prep.vocab import Vocab
 
 from .checkpoint import load_checkpoint
+from .confidence import Calibration, add_confidence, tag_probs
 from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode
 from .encoder import Encoder
 from .errors import CheckpointError
+from .explain import Explanation, GradCam, explain_image
+from .fetch import FetchConfig
 from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
@@ -73,27 +76,29 @@ class Captioner:
     """A loaded model: encoder + decoder + vocabulary + preprocessing, on one device."""
 
     def __init__(self, encoder: Encoder, decoder: CaptionDecoder | EnsembleDecoder, vocab: Vocab, config: ModelConfig,
-                 device: str = "auto", precision: str = "auto") -> None:
+                 device: str = "auto", precision: str = "auto", calibration: Calibration | None = None) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.encoder = encoder.for_inference(self.device)
         self.decoder = decoder.to(self.device).eval()
         self.vocab, self.config = vocab, config
+        self.calibration = calibration  # None: captions carry no "confidence" (captioner/confidence.py)
         self.preprocess = config.encoder.preprocess
+        self.fetch = FetchConfig()  # how image URLs are fetched; private addresses need FetchConfig(allow_private=True)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "auto",
-                        precision: str = "auto") -> "Captioner":
+                        precision: str = "auto", calibrated: bool = True) -> "Captioner":
         """Load a checkpoint directory (a run's ``best/``), a bundled model by name (``MODELS``), or the
-        default bundled model when ``path`` is None."""
-        loaded = load_checkpoint(resolve_model(path))
+        default bundled model when ``path`` is None; ``calibrated=False`` ignores its ``calibration.json``."""
+        loaded = load_checkpoint(resolve_model(path), calibrated)
         decoder = build_decoder(loaded.config)
         try:
             decoder.load_state_dict(loaded.decoder_state)
         except RuntimeError as err:
             raise CheckpointError(f"{loaded.directory}/model.safetensors: decoder tensors do not match "
                                   f"config.json: {str(err)[:300]}") from None
-        return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision)
+        return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision, loaded.calibration)
 
     def decode_config(self, **options) -> DecodeConfig:
         """Decoding options with this model's caption length as the default ``max_len``."""
@@ -118,7 +123,8 @@ class Captioner:
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, config: DecodeConfig) -> list[list[dict]]:
-        """(B, D) features -> per image, the n-best as ``{"caption", "tokens", "logprob", "score"}``."""
+        """(B, D) features -> per image, the n-best as ``{"caption", "tokens", "logprob", "score"}``, plus
+        ``"confidence"`` (probability the caption is good) when the checkpoint has a ``calibration.json``."""
         features = features.to(self.device)
         constraints = None
         if config.guide:
@@ -126,7 +132,13 @@ class Captioner:
         with autocast(self.precision, self.device):
             hyps = decode(self.decoder, features, config, self.vocab.start_id, self.vocab.end_id,
                           self.vocab.pad_id, self.vocab.unk_id, constraints)
-        return [[self._describe(h) for h in per_image] for per_image in hyps]
+        nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
+        if self.calibration is not None:
+            tag_prob = None
+            if "tag_prob" in self.calibration.features:
+                tag_prob = tag_probs(self.tagger, features)
+            add_confidence(self.calibration, nbest, tag_prob)
+        return nbest
 
     @torch.inference_mode()
     def tags(self, images: ImageSource | Sequence[ImageSource], threshold: float = 0.05, top: int = 5):
@@ -137,12 +149,24 @@ class Captioner:
                                                                        threshold, top)]
         return found[0] if single else found
 
+    @functools.cached_property
+    def gradcam(self) -> GradCam:
+        """The encoder's last convolutional block and Grad-CAM over it (traced on first use)."""
+        return GradCam(self.encoder)
+
+    def explain(self, image: ImageSource, **options) -> Explanation:
+        """Caption one image (its best caption under ``options``, the same as ``caption`` gives) with a
+        saliency map per word: ``.words``, ``.maps`` (n, H, W) in [0, 1] on ``.image``, ``.caption``
+        (Grad-CAM; ``captioner/explain.py``)."""
+        return explain_image(self, image, self.decode_config(**options))
+
     def _describe(self, h: Hypothesis) -> dict:
         words = self.vocab.decode(h.tokens)
         return {"caption": detokenize(words), "tokens": words, "logprob": round(h.logprob, 4), "score": round(h.score, 4)}
 
     def caption(self, images: ImageSource | Sequence[ImageSource], **options):
-        """Caption one image or a list of them (paths, PIL images, numpy arrays).
+        """Caption one image or a list of them (paths, http(s) URLs fetched under ``self.fetch``, PIL
+        images, numpy arrays).
 
         Per image the result is the caption string when ``num_return`` is 1, else the n-best list of
         ``{"caption", "logprob", "score", "tokens"}`` dicts. A single image gives that result, a list
@@ -158,10 +182,11 @@ class Captioner:
         """Per image, the n-best ``{"caption", "tokens", "logprob", "score"}`` dicts, best first."""
         return self.generate(self.features(images), config)
 
-    def features(self, images: Sequence[ImageSource]) -> torch.Tensor:
-        """Images -> (B, D) encoder features: the one load + preprocess + encode of in-memory requests."""
-        pre = self.preprocess
-        pixels = torch.stack([pre(load_image(src, min_side=pre.min_side)) for src in images])  # (B, 3, H, W)
+    def features(self, images: Sequence[ImageSource], fetch: FetchConfig | None = None) -> torch.Tensor:
+        """Images -> (B, D) encoder features: the one load + preprocess + encode of in-memory requests.
+        URLs are fetched under ``fetch`` (default ``self.fetch``; the app passes its own, never private)."""
+        pre, fetch = self.preprocess, fetch or self.fetch
+        pixels = torch.stack([pre(load_image(src, pre.min_side, fetch)) for src in images])  # (B, 3, H, W)
         return self.encode(pixels)
 
     def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32, workers: int = 2,
@@ -177,7 +202,8 @@ class Captioner:
         Unusable files come back as results with ``error`` set; the rest goes on.
         """
         workers = loader_workers(workers, self.device)
-        loader = DataLoader(ImageFiles(list(paths), self.preprocess), batch_size=batch_size, num_workers=workers,
+        loader = DataLoader(ImageFiles(list(paths), self.preprocess, fetch=self.fetch), batch_size=batch_size,
+                            num_workers=workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if workers else None)
         done: dict[int, ImageResult] = {}  # results of the pooled batches, decoded or failed

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -17,11 +17,13 @@ from data_prep.manifest import load_manifest
 
 from .api import Captioner, ImageResult
 from .decoding import DecodeConfig
+from .errors import ConfigError
+from .fetch import is_url
 from .images import IMAGE_EXTENSIONS
 from .metadata import MetadataWriter
 
 FORMATS = ("jsonl", "csv", "coco")
-CSV_FIELDS = ("path", "caption", "score", "logprob", "error")
+CSV_FIELDS = ("path", "caption", "score", "logprob", "error", "confidence", "review")
 
 
 @dataclass
@@ -34,9 +36,13 @@ class Inputs:
 
 
 def expand_inputs(items: Iterable[str]) -> Inputs:
-    """Files as given; folders recursively (image extensions only); glob patterns expanded."""
+    """Files as given; folders recursively (image extensions only); glob patterns expanded; URLs as given
+    (never globbed: ``?`` is common in them; the download's errors become the URL's error row)."""
     files, missing, ignored = [], [], 0
     for item in items:
+        if is_url(item):
+            files.append(item)
+            continue
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
         if not matches or not all(os.path.exists(m) for m in matches):
             missing.append(item)
@@ -79,12 +85,17 @@ def _complete_lines(path: Path) -> list[str]:
     return data[:end].decode("utf-8").splitlines()
 
 
-def _record(result: ImageResult, image_id: int | None) -> dict:
+def _record(result: ImageResult, image_id: int | None, min_confidence: float | None = None) -> dict:
+    """One output row; with a calibrated model it has ``confidence``, and with ``min_confidence`` a ``review``
+    flag that is true when the best caption's confidence is below it."""
     if result.error:
         return {"path": result.source, "error": result.error}
     best = result.nbest[0]
-    record = {"path": result.source, "caption": best["caption"], "score": best["score"], "logprob": best["logprob"],
-              "nbest": [{k: h[k] for k in ("caption", "score", "logprob")} for h in result.nbest]}
+    keys = ("caption", "score", "logprob", "confidence") if "confidence" in best else ("caption", "score", "logprob")
+    record = {"path": result.source, **{k: best[k] for k in keys},
+              "nbest": [{k: h[k] for k in keys} for h in result.nbest]}
+    if min_confidence is not None:
+        record["review"] = best["confidence"] < min_confidence
     if image_id is not None:
         record["image_id"] = image_id
     return record
@@ -174,10 +185,21 @@ def image_ids(paths: list[str], data_dir: Path | None) -> dict[str, int]:
 
 def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, out: Path | None, fmt: str,
                   resume: bool = False, data_dir: Path | None = None, batch_size: int = 32, workers: int = 2,
-                  decode_batch: int = 256, metadata: MetadataWriter | None = None) -> dict:
+                  decode_batch: int = 256, metadata: MetadataWriter | None = None,
+                  stream: Callable[[list[str]], Iterator[ImageResult]] | None = None,
+                  min_confidence: float | None = None) -> dict:
     """Caption every input not already in the output; return a summary with counts and failures.
     With ``metadata``, each captioned photo gets its caption written into / beside it before its record is
-    written, and the record lists what was written (``"metadata"``); write errors count as failures."""
+    written, and the record lists what was written (``"metadata"``); write errors count as failures.
+    ``stream``: where the results come from instead of ``captioner.stream`` (``--ray``: a Ray cluster);
+    rows, resume and failures stay this function's, so both write the same output.
+    ``min_confidence`` flags rows whose caption's confidence is below it (``"review": true``; counted as ``review``);
+    it needs a calibrated model (``captioner calibrate``)."""
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise ConfigError(f"--min-confidence is a probability: give a value in [0, 1], not {min_confidence}")
+    if min_confidence is not None and captioner.calibration is None:
+        raise ConfigError("--min-confidence needs a calibrated model: this checkpoint has no calibration.json "
+                          "(create it with `captioner calibrate DATA_DIR --checkpoint DIR`)")
     sink = Sink(out, fmt, resume)
     ids = image_ids(inputs.files, data_dir) if fmt == "coco" else {}
     todo = [p for p in inputs.files if p not in sink.done]
@@ -185,10 +207,11 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     bar = tqdm(total=len(todo), desc="captioning", unit="img", mininterval=1, disable=out is None)
     complete = False
     try:
-        for result in captioner.stream(todo, config, batch_size, workers, decode_batch):
+        results = stream(todo) if stream else captioner.stream(todo, config, batch_size, workers, decode_batch)
+        for result in results:
             if result.error is None and fmt == "coco" and result.source not in ids:
                 result = ImageResult(result.source, [], "no image id (give --data DATA_DIR, or use COCO's numeric file names)")
-            record = _record(result, ids.get(result.source))
+            record = _record(result, ids.get(result.source), min_confidence)
             if metadata is not None and "error" not in record:
                 record["metadata"] = metadata.write(result.source, record["caption"])
             sink.write(record)
@@ -201,4 +224,5 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     failures += metadata.failures() if metadata is not None else []
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
             "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored,
+            "review": sum(r.get("review") in (True, "True") for r in sink.done.values()),  # CSV rows read back: str
             "records": [*sink.done.values(), *failures[:len(inputs.missing)]]}  # every input once, for --html

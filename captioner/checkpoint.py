@@ -21,6 +21,7 @@ from torch import nn
 
 from data_prep.vocab import Vocab
 
+from .confidence import CALIBRATION, Calibration, read_calibration
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, VocabError
@@ -37,6 +38,7 @@ class Loaded:
     decoder_state: dict[str, torch.Tensor]
     encoder: Encoder
     directory: Path
+    calibration: Calibration | None = None  # calibration.json (``captioner calibrate``), when the directory has one
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,8 +117,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               "captioner never unpickles checkpoint files") from None
 
 
-def load_checkpoint(directory: str | Path) -> Loaded:
-    """Config, vocabulary, decoder tensors and a ready encoder from a checkpoint directory."""
+def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
+    """Config, vocabulary, decoder tensors and a ready encoder from a checkpoint directory, and its calibration
+    unless ``calibrated`` is False (``captioner calibrate`` replaces it, so a broken one must not stop it)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
@@ -148,7 +151,11 @@ def load_checkpoint(directory: str | Path) -> Loaded:
                                   f"{str(err)[:300]}") from None
     else:
         encoder, _ = build_encoder(config.encoder)
-    return Loaded(config, vocab, decoder_state, encoder.eval(), directory)
+    calibration = read_calibration(directory) if calibrated else None
+    if calibration is not None and "tag_prob" in calibration.features and encoder.head is None:
+        raise CheckpointError(f"{directory / CALIBRATION}: uses tag_prob, but the encoder has no ImageNet head; "
+                              "re-create it with `captioner calibrate`")
+    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration)
 
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

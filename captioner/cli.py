@@ -126,7 +126,9 @@ TRAIN_HELP = {"epochs": "length of the run; with --resume: changes the saved run
               "clip": "maximum total gradient norm (0: no clipping)", "schedule": "after a linear warm-up",
               "patience": "epochs without a better val BLEU-4 before stopping (0: never)",
               "val_bleu_images": "val images captioned for the metrics (0: all)",
-              "finetune_encoder": "train the CNN too, from the images", "workers": "image-decoding processes"}
+              "finetune_encoder": "train the CNN too, from the images", "workers": "image-decoding processes",
+              "init_from": "checkpoint directory or bundled model name (fast) to fine-tune: its model and encoder, "
+                           "its vocabulary extended with the data's new words (leave out the model/encoder flags)"}
 
 
 def _add_config_flags(p, cls, names, helps: dict[str, str], choices: dict[str, tuple] | None = None) -> None:
@@ -188,6 +190,12 @@ def cmd_train(args) -> int:
     if args.resume:
         given = _given(args, [*_train_fields(), *ENCODER_FLAGS, *MODEL_FLAGS, "max_len"])
         trainer = Trainer(args.data_dir, args.out, None, None, resume_config(args.out, given), resume=True)
+    elif args.init_from:
+        from captioner.api import resolve_model
+        from captioner.checkpoint import load_checkpoint
+        from captioner.finetune import check_given
+        check_given(load_checkpoint(resolve_model(args.init_from)), _given(args, [*ENCODER_FLAGS, *MODEL_FLAGS, "max_len"]))
+        trainer = Trainer(args.data_dir, args.out, None, None, _train_config(args))
     else:
         trainer = Trainer(args.data_dir, args.out, _model_config(args), _encoder_config(args), _train_config(args))
     result = trainer.fit()
@@ -232,8 +240,10 @@ def _decode_config(args, captioner):
 
 def _add_caption(sub) -> None:
     from captioner.batch import FORMATS
-    p = sub.add_parser("caption", help="caption image files, folders and globs")
-    p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p = sub.add_parser("caption", help="caption image files, folders, globs and http(s) URLs")
+    p.add_argument("images", nargs="+", help="image files, folders (recursive), glob patterns or http(s) URLs")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="also fetch URLs on private, loopback and link-local addresses (refused by default)")
     p.add_argument("-o", "--output", type=Path, help="output file (default: JSONL on stdout)")
     p.add_argument("--format", choices=FORMATS, help="jsonl, csv or coco (default: from the -o suffix)")
     p.add_argument("--data", type=Path, help="data directory whose manifest gives COCO image ids")
@@ -249,8 +259,23 @@ def _add_caption(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="--write-metadata: show what would be written, write nothing")
     p.add_argument("--overwrite-existing", action="store_true",
                    help="--write-metadata: replace a description already there (default: skip that photo)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="flag captions whose confidence (a calibrated model's, captioner calibrate) is below P "
+                        "for review: \"review\": true in the output, and a count")
+    _add_ray_args(p)
     _add_html_args(p)
     _add_decode_args(p)
+
+
+def _add_ray_args(p) -> None:
+    from captioner.distributed import RayConfig
+    d = RayConfig()
+    p.add_argument("--ray", nargs="?", const=d.address, metavar="ADDRESS",
+                   help="caption on a Ray cluster (pip install 'captioner[ray]'): no ADDRESS: $RAY_ADDRESS or a "
+                        "cluster started on this machine, else a new local one; auto; ray://HOST:10001. Photos and "
+                        "--checkpoint must be readable at the same paths on every node (captioner/distributed.py)")
+    p.add_argument("--ray-actors", type=int, default=d.actors, metavar="N",
+                   help="--ray: model replicas (default: one per GPU; without GPUs one per two CPUs)")
 
 
 def _add_html_args(p, required: bool = False) -> None:
@@ -264,8 +289,18 @@ def _add_html_args(p, required: bool = False) -> None:
 def cmd_caption(args) -> int:
     from captioner.api import Captioner
     from captioner.batch import caption_files, expand_inputs, infer_format
-    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    from captioner.fetch import FetchConfig
+    # --ray: this copy only gives the decoding options, preprocessing and URL limits; --device is the actors'
+    captioner = Captioner.from_pretrained(args.checkpoint, device="cpu" if args.ray is not None else args.device)
+    captioner.fetch = FetchConfig(allow_private=args.allow_private_urls)
     config = _decode_config(args, captioner)
+    stream = None
+    if args.ray is not None:
+        import functools
+        from captioner.distributed import RayConfig, stream_on_ray
+        stream = functools.partial(stream_on_ray, captioner, checkpoint=args.checkpoint, device=args.device,
+                                   config=config, ray_config=RayConfig(args.ray, args.ray_actors),
+                                   batch_size=args.batch_size, decode_batch=args.decode_batch)
     fmt = infer_format(args.output, args.format)
     if fmt == "coco" and args.output is None:
         raise ConfigError("--format coco needs -o FILE.json")
@@ -276,7 +311,8 @@ def cmd_caption(args) -> int:
     elif args.dry_run or args.overwrite_existing:
         raise ConfigError("--dry-run and --overwrite-existing only go with --write-metadata KIND")
     summary = caption_files(captioner, expand_inputs(args.images), config, args.output, fmt, args.resume,
-                            args.data, args.batch_size, args.workers, args.decode_batch, metadata=writer)
+                            args.data, args.batch_size, args.workers, args.decode_batch, metadata=writer,
+                            min_confidence=args.min_confidence, stream=stream)
     for line in writer.notes() if writer else []:
         print(line, file=sys.stderr)
     for failure in summary["failed"]:
@@ -286,6 +322,9 @@ def cmd_caption(args) -> int:
           f"{len(summary['failed'])} failed" + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
     if writer:
         print(writer.summary(), file=sys.stderr)
+    if args.min_confidence is not None:
+        print(f"{summary['review']} caption(s) below --min-confidence {args.min_confidence}: "
+              "flagged for review (\"review\": true)", file=sys.stderr)
     if args.html:
         from captioner.report import write_report
         write_report(summary["records"], args.html, args.link_images, progress=True)
@@ -383,10 +422,92 @@ def cmd_export(args) -> int:
     return 0
 
 
+SCST_HELP = {"init_from": "checkpoint directory or bundled model name to start from",
+             "batch_size": "images per step", "samples": "sampled captions per image",
+             "baseline": "mean of the image's other samples, or the greedy caption's reward",
+             "val_beam": "beam width of the validation decoding"}
+
+
+def _add_scst(sub) -> None:
+    from captioner.scst import BASELINES, ScstConfig
+    p = sub.add_parser("scst", help="self-critical training: optimise CIDEr-D of sampled captions (after train)",
+                       description="Starts from a trained checkpoint and reads the data directory's feature cache of "
+                                   "that checkpoint's encoder; keeps the epoch with the best val CIDEr-D in OUT/best.")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="run directory (best/, log.jsonl, metrics.jsonl)")
+    p.add_argument("--device", default="cpu")
+    _add_config_flags(p, ScstConfig, [f for f in ScstConfig.__dataclass_fields__], SCST_HELP,
+                      {"baseline": BASELINES})
+
+
+def cmd_scst(args) -> int:
+    from captioner.scst import ScstConfig, ScstTrainer
+    config = ScstConfig(**_given(args, list(ScstConfig.__dataclass_fields__)))
+    result = ScstTrainer(args.data_dir, args.out, config, args.device).fit()
+    print(f"done: {result}; best checkpoint: {args.out / 'best'}")
+    return 0
+
+
+CALIBRATE_FLAGS = ("split", "report_split", "human_quantile", "bins")  # CalibrationConfig fields given as flags
+CALIBRATE_HELP = {"split": "split the calibrator is fitted on", "bins": "confidence bins of ECE and the diagram",
+                  "report_split": "split scored with the fitted calibrator, for reporting only ('' for none)",
+                  "human_quantile": "a caption is good when its CIDEr-D reaches this quantile of human captions'"}
+
+
+def _add_calibrate(sub) -> None:
+    from captioner.confidence import CalibrationConfig
+    p = sub.add_parser("calibrate", help="fit the caption confidence on a split; writes CHECKPOINT/calibration.json",
+                       description="Decodes the data directory's cached features of the checkpoint's encoder with the "
+                                   "CLI's and the app's default decoding (captioner/confidence.py).")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--checkpoint", help="checkpoint directory to calibrate (default: the bundled model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--plot", type=Path, help="also draw the reliability diagram here (e.g. docs/reliability.png)")
+    _add_config_flags(p, CalibrationConfig, CALIBRATE_FLAGS, CALIBRATE_HELP)
+
+
+def cmd_calibrate(args) -> int:
+    from captioner.api import Captioner, resolve_model
+    from captioner.confidence import CalibrationConfig, calibrate, plot_reliability, save_calibration, setting_name
+    directory = resolve_model(args.checkpoint)
+    captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
+    config = CalibrationConfig(**_given(args, CALIBRATE_FLAGS))
+    calibration, curves = calibrate(captioner, args.data_dir, config)
+    print(f"good caption: {calibration.info['good']}")
+    for split, rows in calibration.info["ece"].items():
+        for row in rows:
+            print(f"{split}: {row['images']} images, {setting_name(row['setting'])}: ECE {row['ece']:.4f}, "
+                  f"good {row['good_fraction']:.3f}, mean confidence {row['mean_confidence']:.3f}")
+    print(f"wrote {save_calibration(calibration, directory)}")
+    if args.plot:
+        plot_reliability(curves, config.bins, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+
+def _add_explain(sub) -> None:
+    from captioner.explain import add_arguments
+    p = sub.add_parser("explain", help="caption a photo and draw a saliency map per word (Grad-CAM)")
+    add_arguments(p)
+    _add_decode_args(p)
+
+
+def cmd_explain(args) -> int:
+    from captioner.api import Captioner
+    from captioner.explain import explain_image, save_grid, word_table
+    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    explanation = explain_image(captioner, args.image, _decode_config(args, captioner))
+    save_grid(explanation, args.output)
+    print(word_table(explanation))
+    print(f"wrote {args.output}")
+    return 0
+
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
             "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, _cmd_gradflow),
-            "export": (_add_export, cmd_export), "report": (_add_report, cmd_report)}
+            "export": (_add_export, cmd_export), "report": (_add_report, cmd_report), "scst": (_add_scst, cmd_scst),
+            "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain)}
 
 
 def build_parser() -> argparse.ArgumentParser:

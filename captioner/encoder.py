@@ -119,6 +119,17 @@ class EncoderConfig:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in weights)
         return f"{self.name}-{safe}-{self.image_size}"
 
+    def same_features(self, other: "EncoderConfig") -> bool:
+        """Whether ``other`` computes the same features: same backbone, weights (by SHA-256 where both record
+        it, BatchNorm statistics included), size and preprocessing. A feature cache is only valid for a model
+        whose encoder this is true of; its folder name (``cache_key``) alone does not tell a re-made file apart."""
+        def digests(config: EncoderConfig) -> tuple:
+            return config.provenance.get("sha256"), config.provenance.get("bn_stats", {}).get("sha256")
+        mine, theirs = digests(self), digests(other)
+        return ((self.name, self.weights, self.image_size, self.feature_dim, self.preprocess)
+                == (other.name, other.weights, other.image_size, other.feature_dim, other.preprocess)
+                and all(a == b for a, b in zip(mine, theirs) if a and b))
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -8,6 +8,7 @@ decompression-bomb guard turned into an error instead of a warning.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -17,8 +18,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError
+from .fetch import FetchConfig, fetch_image, is_url
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]  # a str may also be an http(s) URL
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -65,8 +67,11 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def load_image(src: ImageSource, min_side: int | None = None) -> Image.Image:
-    """Return an RGB image for a path, PIL image or numpy array; raise ``ImageLoadError`` otherwise.
+def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig = FetchConfig()) -> Image.Image:
+    """Return an RGB image for a path, http(s) URL, PIL image or numpy array; raise ``ImageLoadError`` otherwise.
+
+    A URL is downloaded under ``fetch``'s limits (``fetch.fetch_image``; by default private addresses
+    are refused) and its bytes then decoded exactly like a file's.
 
     ``min_side``: the shorter side the caller needs (``Preprocess.min_side``). A JPEG file is then decoded
     at the smallest DCT scale (1/2, 1/4 or 1/8: Pillow's ``draft``) whose shorter side is still at least
@@ -86,14 +91,17 @@ def load_image(src: ImageSource, min_side: int | None = None) -> Image.Image:
             elif isinstance(src, np.ndarray):
                 img = _from_array(src)
             else:
-                path = Path(src)
-                if path.is_dir():
-                    raise ImageLoadError(name, "is a directory, not an image file")
-                if not path.exists():
-                    raise ImageLoadError(name, "file not found")
-                if path.stat().st_size == 0:
-                    raise ImageLoadError(name, "empty file (0 bytes)")
-                with Image.open(path) as opened:
+                if is_url(src):
+                    stream: Path | io.BytesIO = io.BytesIO(fetch_image(src, fetch))
+                else:
+                    stream = Path(src)
+                    if stream.is_dir():
+                        raise ImageLoadError(name, "is a directory, not an image file")
+                    if not stream.exists():
+                        raise ImageLoadError(name, "file not found")
+                    if stream.stat().st_size == 0:
+                        raise ImageLoadError(name, "empty file (0 bytes)")
+                with Image.open(stream) as opened:
                     opened.seek(0)  # animated GIF/WebP/PNG: the first frame
                     if min_side:
                         opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO

@@ -38,6 +38,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .fetch import is_url
+
 KINDS = ("xmp", "exif", "iptc", "sidecar")
 EMBEDDED = {"JPEG": ("xmp", "exif", "iptc"), "PNG": ("xmp", "exif"), "WEBP": ("xmp", "exif")}
 """Pillow format name -> kinds stored inside the file (what exiv2 writes and photo tools read back)."""
@@ -85,6 +87,8 @@ def write_caption(path: str | os.PathLike, caption: str, kinds: list[str], dry_r
                   overwrite: bool = False) -> list[Outcome]:
     """Write ``caption`` into / next to the photo at ``path`` as ``kinds`` ask; one outcome per target."""
     kinds = list(dict.fromkeys(kinds))
+    if is_url(path):  # ``captioner caption URL``: there is no local file to write into
+        return [Outcome(k, str(path), "unsupported", "a web image (URL), not a local file") for k in kinds]
     caption = caption.strip()
     outcomes: list[Outcome] = []
     embedded = [k for k in kinds if k != "sidecar"]

@@ -82,43 +82,55 @@ def _ngram_counts(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(tokens[i : i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
 
 
-def cider_d(refs: Refs, hyps: Hyps, sigma: float = 6.0, n: int = 4) -> float:
-    """CIDEr-D (Vedantam et al. 2015) as computed by pycocoevalcap's ``cider_scorer.py``, mean over images.
+class CiderD:
+    """CIDEr-D (Vedantam et al. 2015) as computed by pycocoevalcap's ``cider_scorer.py``, one caption at a time.
 
     Matching pycocoevalcap means keeping its choices: document frequencies come from the references
-    of the evaluated set itself (so the score depends on which images are scored together), hypothesis
+    of the scored set itself (so the score depends on which images are scored together), hypothesis
     weights are clipped to the reference's (``min(hyp, ref)``) so repeating an n-gram does not pay, a
     gaussian penalty on the length difference punishes over/under-long captions, and the result is x10.
+    Why a class: the references' tf-idf vectors are computed once, so self-critical training
+    (``captioner.scst``) can score thousands of sampled captions per step against the training split's
+    references; ``cider_d`` below is the same scorer averaged over one hypothesis per image.
     """
-    _check_inputs(refs, hyps)
-    ref_counts = {image_id: [_ngram_counts(r, n) for r in references] for image_id, references in refs.items()}
-    document_frequency: Counter[tuple[str, ...]] = Counter()
-    for counts in ref_counts.values():
-        document_frequency.update(set().union(*counts))
-    log_num_images = math.log(len(refs))
 
-    def tfidf(counts: Counter[tuple[str, ...]]) -> tuple[list[dict[tuple[str, ...], float]], list[float]]:
+    def __init__(self, refs: Refs, sigma: float = 6.0, n: int = 4) -> None:
+        self.sigma, self.n = sigma, n
+        ref_counts = {image_id: [_ngram_counts(r, n) for r in references] for image_id, references in refs.items()}
+        self.document_frequency: Counter[tuple[str, ...]] = Counter()
+        for counts in ref_counts.values():
+            self.document_frequency.update(set().union(*counts))
+        self.log_num_images = math.log(len(refs))
+        self.refs = {image_id: [(len(reference), *self._tfidf(counts)) for reference, counts in zip(references, ref_counts[image_id])]
+                     for image_id, references in refs.items()}
+
+    def _tfidf(self, counts: Counter[tuple[str, ...]]) -> tuple[list[dict[tuple[str, ...], float]], list[float]]:
         """Per-order tf-idf vectors and their L2 norms (n-grams unseen in references get df 1)."""
-        vectors: list[dict[tuple[str, ...], float]] = [{} for _ in range(n)]
+        vectors: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
         for ngram, term_freq in counts.items():
-            idf = log_num_images - math.log(max(1.0, document_frequency[ngram]))
+            idf = self.log_num_images - math.log(max(1.0, self.document_frequency[ngram]))
             vectors[len(ngram) - 1][ngram] = term_freq * idf
         return vectors, [math.sqrt(sum(w * w for w in v.values())) for v in vectors]
 
-    scores = []
-    for image_id, references in refs.items():
-        hypothesis = hyps[image_id]
-        hyp_vecs, hyp_norms = tfidf(_ngram_counts(hypothesis, n))
+    def score(self, image_id: int, hypothesis: list[str]) -> float:
+        """CIDEr-D of one tokenized caption of ``image_id`` against that image's references."""
+        hyp_vecs, hyp_norms = self._tfidf(_ngram_counts(hypothesis, self.n))
+        references = self.refs[image_id]
         total = 0.0
-        for reference, counts in zip(references, ref_counts[image_id]):
-            ref_vecs, ref_norms = tfidf(counts)
-            length_penalty = math.exp(-((len(hypothesis) - len(reference)) ** 2) / (2 * sigma**2))
+        for ref_len, ref_vecs, ref_norms in references:
+            length_penalty = math.exp(-((len(hypothesis) - ref_len) ** 2) / (2 * self.sigma**2))
             for hyp_vec, ref_vec, hyp_norm, ref_norm in zip(hyp_vecs, ref_vecs, hyp_norms, ref_norms):
                 if hyp_norm and ref_norm:
                     dot = sum(min(w, ref_vec.get(g, 0.0)) * ref_vec.get(g, 0.0) for g, w in hyp_vec.items())
                     total += dot / (hyp_norm * ref_norm) * length_penalty
-        scores.append(10.0 * total / (n * len(references)))
-    return sum(scores) / len(scores)
+        return 10.0 * total / (self.n * len(references))
+
+
+def cider_d(refs: Refs, hyps: Hyps, sigma: float = 6.0, n: int = 4) -> float:
+    """CIDEr-D of one hypothesis per image, mean over images (document frequencies from ``refs``: ``CiderD``)."""
+    _check_inputs(refs, hyps)
+    scorer = CiderD(refs, sigma, n)
+    return sum(scorer.score(image_id, hyps[image_id]) for image_id in refs) / len(refs)
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

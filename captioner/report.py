@@ -38,11 +38,13 @@ from typing import Iterable
 from data_prep.tokenizer import tokenize
 
 from .errors import CaptionerError, ConfigError
+from .fetch import SCHEMES
 from .images import load_image
 
 THUMB_SIZE = 192  # longest side of an embedded thumbnail, px (cards are 192 px wide)
 THUMB_QUALITY = 72
 SORT_FIELDS = ("per_word", "score", "logprob")  # the page's "least certain first" orders
+CONFIDENCE = "confidence"  # also offered when the model was calibrated (captioner/confidence.py)
 PAGE_SIZE = 100  # cards rendered at once; the measured 10,000-photo page stays interactive (tests/test_report.py)
 
 
@@ -116,18 +118,25 @@ def entry(record: dict) -> dict:
     """One gallery entry from one results record: path, caption, score, logprob, per_word, n-best, error.
 
     ``score`` is the best caption's ranking score (log-prob / length**alpha), ``logprob`` its total
-    log-probability, ``per_word`` that per decoding step (``per_word()``: the review order).
+    log-probability, ``per_word`` that per decoding step (``per_word()``: the review order), ``confidence`` the
+    calibrated probability that it is good (None unless the model was calibrated: ``captioner/confidence.py``),
+    ``review`` set when ``caption --min-confidence`` flagged it.
     """
     path = str(record["path"])
     if record.get("error"):
         return {"path": path, "error": str(record["error"])}
-    nbest = [{"caption": str(h.get("caption", "")), "score": _number(h.get("score")),
-              "logprob": _number(h.get("logprob"))} for h in record.get("nbest") or [] if isinstance(h, dict)]
-    best = {"caption": str(record.get("caption", nbest[0]["caption"] if nbest else "")),
-            "score": _number(record.get("score", nbest[0]["score"] if nbest else None)),
-            "logprob": _number(record.get("logprob", nbest[0]["logprob"] if nbest else None))}
+    fields = ("score", "logprob", CONFIDENCE)
+    nbest = [{"caption": str(h.get("caption", "")), **{k: _number(h.get(k)) for k in fields if k in h}}
+             for h in record.get("nbest") or [] if isinstance(h, dict)]
+    first = nbest[0] if nbest else {}
+    best = {"caption": str(record.get("caption", first.get("caption", ""))),
+            "score": _number(record.get("score", first.get("score"))),
+            "logprob": _number(record.get("logprob", first.get("logprob")))}
+    if CONFIDENCE in record or CONFIDENCE in first:  # a calibrated model's results only
+        best[CONFIDENCE] = _number(record.get(CONFIDENCE, first.get(CONFIDENCE)))
     best["per_word"] = per_word(best["caption"], best["logprob"])
-    return {"path": path, **best, "nbest": nbest if len(nbest) > 1 else []}
+    review = {"review": True} if record.get("review") in (True, "True") else {}  # CSV gives the string
+    return {"path": path, **best, **review, "nbest": nbest if len(nbest) > 1 else []}
 
 
 def sort_key(item: dict, field: str = "per_word") -> tuple:
@@ -139,7 +148,8 @@ def sort_key(item: dict, field: str = "per_word") -> tuple:
 def orders(entries: list[dict]) -> dict[str, list[int]]:
     """Index orders the page offers, computed here once (tested in Python; the page only reads them)."""
     index = range(len(entries))
-    return {field: sorted(index, key=lambda i: sort_key(entries[i], field)) for field in SORT_FIELDS}
+    fields = SORT_FIELDS + ((CONFIDENCE,) if any(e.get(CONFIDENCE) is not None for e in entries) else ())
+    return {field: sorted(index, key=lambda i: sort_key(entries[i], field)) for field in fields}
 
 
 def resolve(path: str, results_dir: Path | None) -> Path:
@@ -178,6 +188,9 @@ def add_images(entries: list[dict], report_dir: Path, link_images: bool = False,
         from tqdm import tqdm
         todo = tqdm(todo, desc="thumbnails", unit="img", mininterval=1)
     for item in todo:
+        if urllib.parse.urlsplit(item["path"]).scheme.lower() in SCHEMES:  # a web image: the page loads it
+            item["thumb"] = item["path"]
+            continue
         path = resolve(item["path"], results_dir)
         if link_images:
             item["thumb"] = link(path, report_dir)
@@ -200,7 +213,8 @@ def script_json(data: object) -> str:
 def render(entries: list[dict], title: str = "captioner report", page_size: int = PAGE_SIZE) -> str:
     """The whole page as a string: template + the escaped data blob."""
     import html
-    data = {"entries": entries, "orders": orders(entries), "pageSize": page_size}
+    data = {"entries": entries, "orders": orders(entries), "pageSize": page_size,
+            "hasConfidence": any(e.get(CONFIDENCE) is not None for e in entries)}
     head, tail = _TEMPLATE.split("__DATA__")  # split first: a title can never be mistaken for the marker
     return head.replace("__TITLE__", html.escape(title)) + script_json(data) + tail
 
@@ -253,6 +267,8 @@ details{font-size:12px;margin-top:4px}
 details ol{padding-left:18px;margin:4px 0}
 .pager{display:flex;gap:8px;align-items:center;justify-content:center;padding:0 16px 16px;font-size:14px}
 .low{color:#b45309}
+.conf{font-size:13px;font-weight:600;color:#15803d}
+.conf.low{color:#b45309}
 </style></head>
 <body>
 <header>
@@ -264,11 +280,15 @@ details ol{padding-left:18px;margin:4px 0}
 <option value="-per_word">most certain first (log-prob per word)</option>
 <option value="score">least certain first (decoder score)</option>
 <option value="logprob">least certain first (total log-prob)</option>
+<option value="confidence">least confident first (calibrated confidence)</option>
+<option value="-confidence">most confident first (calibrated confidence)</option>
 <option value="file">file order</option>
 </select></label>
 <label>show <select id="show">
 <option value="all">all</option><option value="ok">captioned</option><option value="error">unreadable</option>
+<option value="review">flagged for review</option>
 </select></label>
+<label>confidence &le; <input id="maxconf" type="number" step="0.05" min="0" max="1" placeholder="any" style="width:70px"></label>
 <label>per word &le; <input id="maxscore" type="number" step="0.1" placeholder="any" style="width:80px"></label>
 <label><input id="query" type="search" placeholder="filter caption or path"></label>
 </div></header>
@@ -280,7 +300,7 @@ details ol{padding-left:18px;margin:4px 0}
 "use strict";
 const DATA = JSON.parse(document.getElementById("data").textContent);
 const E = DATA.entries, PAGE = DATA.pageSize;
-const state = {sort: "per_word", show: "all", query: "", maxScore: null, page: 0, view: []};
+const state = {sort: "per_word", show: "all", query: "", maxScore: null, maxConf: null, page: 0, view: []};
 const $ = (id) => document.getElementById(id);
 function el(tag, cls, text) {  // every node from data is built here: text only, never parsed as HTML
   const n = document.createElement(tag);
@@ -299,6 +319,9 @@ function order() {
 function keep(e) {
   if (state.show === "ok" && e.error) return false;
   if (state.show === "error" && !e.error) return false;
+  if (state.show === "review" && !e.review) return false;
+  const c = e.confidence;
+  if (state.maxConf !== null && !(c !== null && c !== undefined && c <= state.maxConf)) return false;
   const w = e.per_word;
   if (state.maxScore !== null && !(w !== null && w !== undefined && w <= state.maxScore)) return false;
   if (state.query) {
@@ -321,13 +344,18 @@ function card(e) {
       c.appendChild(el("div", "nothumb", "no thumbnail: " + (e.thumb_error || "")));
     }
     c.appendChild(el("div", "caption", e.caption));
+    if (e.confidence !== null && e.confidence !== undefined) {
+      c.appendChild(el("div", e.review ? "conf low" : "conf", "confidence " + fmt(e.confidence) +
+                       (e.review ? " \\u00b7 review" : "")));
+    }
     c.appendChild(el("div", "score", "per word " + fmt(e.per_word) + " \\u00b7 log-prob " + fmt(e.logprob) +
                      " \\u00b7 score " + fmt(e.score)));
     if (e.nbest && e.nbest.length) {
       const d = el("details"); d.appendChild(el("summary", null, e.nbest.length + "-best"));
       const ol = el("ol");
       for (const h of e.nbest) {
-        ol.appendChild(el("li", null, h.caption + " (log-prob " + fmt(h.logprob) + ", score " + fmt(h.score) + ")"));
+        const conf = (h.confidence !== null && h.confidence !== undefined) ? "confidence " + fmt(h.confidence) + ", " : "";
+        ol.appendChild(el("li", null, h.caption + " (" + conf + "log-prob " + fmt(h.logprob) + ", score " + fmt(h.score) + ")"));
       }
       d.appendChild(ol); c.appendChild(d);
     }
@@ -376,6 +404,15 @@ $("maxscore").oninput = (ev) => {
   state.maxScore = isNaN(v) ? null : v;
   update();
 };
+$("maxconf").oninput = (ev) => {
+  const v = parseFloat(ev.target.value);
+  state.maxConf = isNaN(v) ? null : v;
+  update();
+};
+if (!DATA.hasConfidence) {  // an uncalibrated model's results: no confidence to sort or filter by
+  for (const o of [...$("sort").options]) if (o.value.endsWith("confidence")) o.remove();
+  $("maxconf").parentElement.remove();
+}
 $("query").oninput = (ev) => { state.query = ev.target.value.trim().toLowerCase(); update(); };
 summary();
 update();

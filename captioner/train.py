@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -32,12 +33,13 @@ from data_prep.features import FeatureCache, ImageFiles, build_features, cache_d
 from data_prep.manifest import REPORT, VOCAB, load_manifest, split_records
 from data_prep.vocab import Vocab
 
-from .api import Captioner
+from .api import Captioner, resolve_model
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
 from .config import ModelConfig
 from .encoder import EncoderConfig, build_encoder
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_split, caption_split_from_cache, score
+from .finetune import init_decoder, start_vocab
 from .model import CaptionDecoder, caption_loss
 from .runtime import autocast, resolve_device, resolve_precision
 
@@ -76,6 +78,9 @@ class TrainConfig:
     val_bleu_images: int = 0  # val images captioned for the validation metrics (0: the whole split)
     finetune_encoder: bool = False
     encoder_lr: float = 1e-5
+    # A checkpoint directory or bundled model name ("fast") to start from: its model, encoder and vocabulary,
+    # the data's new words appended (captioner/finetune.py). "": a new model.
+    init_from: str = ""
     workers: int = 2
 
     def __post_init__(self) -> None:
@@ -279,7 +284,8 @@ class Trainer:
     """One training run: data, model, optimizer, validation and checkpoints.
 
     With ``resume``, ``config`` must be the run's own, ``resume_config(out, overrides)``, and the model and
-    encoder come from ``out/last`` (``model_config`` and ``encoder_config`` are not used).
+    encoder come from ``out/last`` (``model_config`` and ``encoder_config`` are not used). With
+    ``config.init_from`` they come from that checkpoint, its vocabulary extended (pass None for both).
     """
 
     def __init__(self, data_dir: Path, out: Path, model_config: ModelConfig | None,
@@ -292,14 +298,23 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(config.precision, self.device)
         records = load_manifest(self.data_dir)
-        self.vocab = Vocab.load(self.data_dir / VOCAB)
         report = json.loads((self.data_dir / REPORT).read_text()) if (self.data_dir / REPORT).is_file() else {}
+        splits = Counter(r.split for r in records)
+        if not (splits["train"] and splits["val"]):
+            raise DatasetError(f"{self.data_dir}: training needs a 'train' and a 'val' split, this data has images in "
+                               f"{', '.join(f'{s} ({n})' for s, n in sorted(splits.items()))}; prepare the captions "
+                               "again with both (e.g. --val-size N); a test-only set is for `captioner evaluate`")
         self.train_records = split_records(records, "train")
         self.val_records = split_records(records, "val")
+        self.vocab = Vocab.load(self.data_dir / VOCAB)
+        if config.init_from:
+            self.vocab = start_vocab(resolve_model(config.init_from), self.vocab)
         self.state = TrainState()
         torch.manual_seed(config.seed)
         if resume:
             self._load_resume()
+        elif config.init_from:
+            self._load_init(model_config, encoder_config)
         else:
             encoder, enc_cfg = build_encoder(encoder_config)
             self.encoder = encoder
@@ -340,6 +355,15 @@ class Trainer:
         self.decoder.load_state_dict(loaded.decoder_state)
         self.encoder = loaded.encoder
 
+    def _load_init(self, model_config: ModelConfig | None, encoder_config: EncoderConfig | None) -> None:
+        """``init_from``: the checkpoint's model and encoder, rows added for the data's new words."""
+        if model_config is not None or encoder_config is not None:
+            raise ConfigError("init_from: the model and encoder come from the checkpoint; "
+                              "pass model_config=None and encoder_config=None")
+        loaded = load_checkpoint(resolve_model(self.config.init_from))
+        self.model_config, self.decoder = init_decoder(loaded, self.vocab)
+        self.encoder = loaded.encoder
+
     def _drop_logs_after(self, step: int) -> None:
         """Resume: forget log lines of steps that were lost with the killed process (they rerun)."""
         for name in ("steps.jsonl", "metrics.jsonl"):
@@ -362,9 +386,11 @@ class Trainer:
                 if self.world > 1:
                     dist.barrier()
             cache = FeatureCache(directory)
-            if cache.encoder.feature_dim != self.model_config.feature_dim:
-                raise DatasetError(f"{directory}: features have dim {cache.encoder.feature_dim}, model expects "
-                                   f"{self.model_config.feature_dim}")
+            if not cache.encoder.same_features(enc):
+                made = [f"{e.name} {e.weights} {e.image_size}px sha256 {e.provenance.get('sha256', '-')[:12]}"
+                        for e in (cache.encoder, enc)]
+                raise ConfigError(f"{directory}: these features were made by another encoder or preprocessing "
+                                  f"({made[0]}) than the model's ({made[1]}); delete that folder to rebuild it")
             self.train_feats = cache.gather(self.train_caps.image_ids)  # (N_train, D)
             self.val_feats = cache.gather(self.val_caps.image_ids)
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder
 from captioner.errors import DatasetError, ImageLoadError
+from captioner.fetch import FetchConfig
 from captioner.images import load_image
 from captioner.runtime import loader_workers, resolve_device
 
@@ -39,10 +40,12 @@ class ImageFiles(Dataset):
     Large JPEGs are decoded at the smallest DCT scale that still covers ``preprocess.min_side``
     (``load_image``'s ``min_side``); ``full_decode=True`` decodes every pixel (for comparisons only:
     on the bundled model's Flickr8k test split both give the same captions, see benchmarks/README.md).
+    An http(s) URL among ``paths`` is downloaded under ``fetch``.
     """
 
-    def __init__(self, paths: list[str], preprocess: Preprocess, full_decode: bool = False) -> None:
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, paths: list[str], preprocess: Preprocess, full_decode: bool = False,
+                 fetch: FetchConfig = FetchConfig()) -> None:
+        self.paths, self.preprocess, self.fetch = paths, preprocess, fetch
         self.min_side = None if full_decode else preprocess.min_side
 
     def __len__(self) -> int:
@@ -50,7 +53,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.preprocess(load_image(self.paths[i], min_side=self.min_side)), None
+            return i, self.preprocess(load_image(self.paths[i], self.min_side, self.fetch)), None
         except ImageLoadError as err:
             return i, None, str(err)
 

@@ -41,6 +41,13 @@ class Vocab:
                       key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + kept, dict(counts))
 
+    def extended(self, other: "Vocab") -> "Vocab":
+        """This vocabulary followed by ``other``'s words it lacks, in ``other``'s order, with their counts.
+
+        Why appended: every old id keeps its word, so a trained model's rows stay valid (``--init-from``)."""
+        new = [w for w in other.words[len(SPECIALS):] if w not in self.index]
+        return Vocab(self.words + new, {**self.counts, **{w: other.counts.get(w, 0) for w in new}})
+
     def encode(self, tokens: list[str]) -> list[int]:
         """Token ids wrapped in <start> ... <end>; unknown words become <unk>."""
         return [self.start_id] + [self.index.get(t, self.unk_id) for t in tokens] + [self.end_id]

@@ -70,8 +70,8 @@ def test_small_images_and_other_inputs_are_unaffected(good_small):
 
 def test_drafted_decode_is_much_faster(photo):
     load_image(photo, min_side=256)  # warm-up
-    full = best_of(3, lambda: load_image(photo))
-    drafted = best_of(3, lambda: load_image(photo, min_side=256))
+    full = best_of(5, lambda: load_image(photo))  # best of 5: one busy moment of a shared CPU must not decide it
+    drafted = best_of(5, lambda: load_image(photo, min_side=256))
     assert drafted * 3 < full, (drafted, full)  # measured ~10x on 2 cores
 
 

@@ -1,0 +1,48 @@
+"""What ``captioner caption --min-confidence P`` flags: per threshold, the share of captions flagged and how many
+of the flagged and of the kept ones are good (docs/calibration.md), with the checkpoint's calibration.json.
+
+    OMP_NUM_THREADS=1 python benchmarks/confidence_review.py data/flickr8k --split val --thresholds 0.3 0.5
+
+"Good" and the decoding settings are the calibration's own (``captioner/confidence.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from captioner.api import Captioner  # noqa: E402
+from captioner.confidence import CalibrationConfig, score_split, setting_name  # noqa: E402
+from captioner.errors import CheckpointError  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--checkpoint", help="default: the bundled model")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    calibration = cap.calibration
+    if calibration is None:
+        raise CheckpointError("the checkpoint has no calibration.json: run `captioner calibrate` first")
+    config = CalibrationConfig()
+    for scored in score_split(cap, args.data_dir, args.split, calibration.info["threshold"], calibration.features,
+                              config):
+        conf = calibration.confidence(scored.x)
+        print(f"{args.split}, {setting_name(scored.setting)} ({len(conf)} images, {scored.good.mean():.0%} good):")
+        for t in args.thresholds:
+            flagged = conf < t
+            print(f"  --min-confidence {t}: flags {flagged.mean():.0%}; good among flagged "
+                  f"{scored.good[flagged].mean():.0%}, among kept {scored.good[~flagged].mean():.0%}")
+
+
+if __name__ == "__main__":
+    main()
