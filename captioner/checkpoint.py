@@ -180,7 +180,10 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
     encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer
     state. Several sources of one architecture, vocabulary and encoder become an ensemble. An encoder whose
     weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied:
-    the checkpoint holds the decoder, and loading rebuilds the encoder from the package, hash-checked."""
+    the checkpoint holds the decoder, and loading rebuilds the encoder from the package, hash-checked.
+    One source's ``calibration.json`` comes along (storage precision moves log-probabilities by far less
+    than the calibration's resolution); an ensemble's captions differ from each member's, so it gets none
+    and needs ``captioner calibrate``."""
     loaded = [load_checkpoint(s) for s in sources]
     first = loaded[0]
     for other in loaded[1:]:
@@ -203,6 +206,8 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
         shutil.rmtree(work)
     work.mkdir(parents=True)
     _write(work, config, first.vocab, tensors, dtype)
+    if len(loaded) == 1 and (first.directory / CALIBRATION).is_file():
+        shutil.copyfile(first.directory / CALIBRATION, work / CALIBRATION)
     if target.exists():
         shutil.rmtree(target)
     os.rename(work, target)

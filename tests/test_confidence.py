@@ -180,3 +180,15 @@ def test_the_app_shows_the_confidence_beside_the_best_caption_and_in_the_nbest(b
     assert [row[2] for row in table] == [h["confidence"] for h in expected]
     headers = next(b for b in app.build_demo(cap).blocks.values() if getattr(b, "elem_id", None) == "nbest").headers
     assert headers == ["#", "caption", "confidence", "log-prob", "score"]
+
+
+def test_export_keeps_one_models_calibration_and_gives_an_ensemble_none(bundled_copy, trained_run, tmp_path, capsys):
+    assert main(["export", str(bundled_copy), "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / CALIBRATION).read_bytes() == (bundled_copy / CALIBRATION).read_bytes()
+    assert Captioner.from_pretrained(tmp_path / "one").calibration is not None
+    best = trained_run / "best"
+    member = tmp_path / "member"  # a member's calibration says nothing of the ensemble's captions
+    shutil.copytree(best, member)
+    shutil.copyfile(bundled_copy / CALIBRATION, member / CALIBRATION)
+    assert main(["export", str(member), str(best), "--out", str(tmp_path / "ensemble")]) == 0
+    assert not (tmp_path / "ensemble" / CALIBRATION).exists()
