@@ -23,12 +23,12 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioner.api import Captioner  # noqa: E402
+from captioner.captions import references  # noqa: E402
 from captioner.confidence import CalibrationConfig, setting_name  # noqa: E402
+from captioner.features import FeatureCache, cache_dir  # noqa: E402
+from captioner.manifest import load_manifest, split_records  # noqa: E402
 from captioner.metrics import CiderD  # noqa: E402
-from data_prep.captions import references  # noqa: E402
-from data_prep.features import FeatureCache, cache_dir  # noqa: E402
-from data_prep.manifest import load_manifest, split_records  # noqa: E402
-from data_prep.tokenizer import tokenize  # noqa: E402
+from captioner.tokenizer import tokenize  # noqa: E402
 
 FUNCTION_WORDS = frozenset("a an the is are of in on with and to at his her its their while into".split())
 

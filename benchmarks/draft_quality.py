@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.evaluate import score  # noqa: E402
-from data_prep.features import ImageFiles, collate_images  # noqa: E402
+from captioner.features import ImageFiles, collate_images  # noqa: E402
 from data_prep.readers import read_flickr8k  # noqa: E402
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"

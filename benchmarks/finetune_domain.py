@@ -47,9 +47,9 @@ sys.path.insert(0, str(REPO))
 
 from captioner.api import resolve_model  # noqa: E402
 from captioner.cli import main as captioner  # noqa: E402
-from data_prep.manifest import load_manifest  # noqa: E402
-from data_prep.tokenizer import tokenize  # noqa: E402
-from data_prep.vocab import Vocab  # noqa: E402
+from captioner.manifest import load_manifest  # noqa: E402
+from captioner.tokenizer import tokenize  # noqa: E402
+from captioner.vocab import Vocab  # noqa: E402
 
 
 Rows = list[tuple[str, str, str]]  # (image file relative to the image folder, caption, split)

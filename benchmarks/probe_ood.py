@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
-from data_prep.tokenizer import tokenize  # noqa: E402
+from captioner.tokenizer import tokenize  # noqa: E402
 
 SETTINGS = {  # name -> decoding options
     "beam3": dict(strategy="beam", beam_size=3),

@@ -252,7 +252,7 @@ def synthetic_checkpoint(like: Path = REPO_CHECKPOINTS / BUNDLED) -> Path:
     upper bound (a trained model stops after ~12 words)."""
     from captioner.checkpoint import CONFIG, save_checkpoint
     from captioner.config import ModelConfig
-    from data_prep.vocab import SPECIALS, Vocab
+    from captioner.vocab import SPECIALS, Vocab
     bundled = json.loads((like / CONFIG).read_text())
     bundled.pop("format", None)
     config = ModelConfig.from_json(bundled)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.encoder import IMAGENET_MEAN  # noqa: E402
-from data_prep.manifest import load_manifest, split_records  # noqa: E402
-from data_prep.tokenizer import tokenize  # noqa: E402
+from captioner.manifest import load_manifest, split_records  # noqa: E402
+from captioner.tokenizer import tokenize  # noqa: E402
 
 DOG_WORDS = {"dog", "dogs", "puppy", "puppies"}
 ANIMAL_WORDS = DOG_WORDS | {"animal", "animals", "cat", "cats", "kitten", "horse", "horses", "pony", "cow", "cows",

@@ -4,7 +4,8 @@
     Captioner.from_pretrained().caption("photo.jpg")
 
 ``Captioner`` is imported on first use: ``import captioner.errors`` (done by ``data_prep`` and the
-app) must not pull in torch and the whole API, nor import ``data_prep`` back while it is loading.
+app) must not pull in torch and the whole API. The dependency points one way: ``data_prep/`` (the
+dataset converters) imports this package, never the other way round.
 """
 
 __all__ = ["Captioner"]

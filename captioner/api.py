@@ -15,10 +15,6 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep.features import ImageFiles, collate_images
-from data_prep.tokenizer import detokenize
-from data_prep.vocab import Vocab
-
 from .checkpoint import load_checkpoint
 from .confidence import Calibration, add_confidence, tag_probs
 from .config import ModelConfig
@@ -26,11 +22,14 @@ from .decoding import DecodeConfig, Hypothesis, decode
 from .encoder import Encoder
 from .errors import CheckpointError
 from .explain import Explanation, GradCam, explain_image
+from .features import ImageFiles, collate_images
 from .fetch import FetchConfig
 from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
+from .tokenizer import detokenize
+from .vocab import Vocab
 
 BUNDLED = "flickr8k-mobilenet_v2-lstm"
 MODELS = {"fast": BUNDLED}  # names for ``from_pretrained``, ``--checkpoint`` and the app's picker

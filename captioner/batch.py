@@ -13,13 +13,12 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from data_prep.manifest import load_manifest
-
 from .api import Captioner, ImageResult
 from .decoding import DecodeConfig
 from .errors import ConfigError
 from .fetch import is_url
 from .images import IMAGE_EXTENSIONS
+from .manifest import load_manifest
 from .metadata import MetadataWriter
 
 FORMATS = ("jsonl", "csv", "coco")

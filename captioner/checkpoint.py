@@ -19,12 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_prep.vocab import Vocab
-
 from .confidence import CALIBRATION, Calibration, read_calibration
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, VocabError
+from .vocab import Vocab
 
 MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"

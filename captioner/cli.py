@@ -31,10 +31,11 @@ def _add_prepare(sub) -> None:
 
 
 def cmd_prepare(args) -> int:
+    # The CLI is the one place that drives the dataset side: the library (captioner/) never imports data_prep/,
+    # which imports the library, so the dependency points one way. Imported here, on use, to keep it so.
+    from data_prep.custom import read_folder, read_table
     from data_prep.prepare import PrepareConfig, prepare
     from data_prep.readers import read_coco, read_flickr8k, read_karpathy
-
-    from data_prep.custom import read_folder, read_table
 
     skips: list[dict] = []
     if args.format in ("csv", "folder") and len(args.captions) != 1:
@@ -113,7 +114,7 @@ def _encoder_config(args):
 
 
 def cmd_features(args) -> int:
-    from data_prep.features import build_features, read_failures
+    from .features import build_features, read_failures
     directory = build_features(args.data_dir, _encoder_config(args), args.batch_size, args.device, args.workers)
     return 1 if read_failures(directory) else 0
 
@@ -387,7 +388,7 @@ def cmd_evaluate(args) -> int:
           + (f"; {summary['failed_count']} could not be captioned and are not scored" if summary["failed"] else ""))
     print(format_table(summary))
     if args.output:
-        from data_prep.manifest import write_json_atomic
+        from .manifest import write_json_atomic
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.output, summary)
         print(f"wrote {args.output}")
@@ -483,7 +484,6 @@ def cmd_calibrate(args) -> int:
         plot_reliability(curves, config.bins, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
 
 
 def _add_explain(sub) -> None:

@@ -179,7 +179,7 @@ def fit_logistic(x: np.ndarray, good: np.ndarray, names: list[str]) -> Calibrati
 
 def human_threshold(records: list, quantile: float) -> float:
     """The ``quantile`` of the human references' leave-one-out CIDEr-D (each scored against the image's others)."""
-    from data_prep.captions import references
+    from .captions import references
 
     from .metrics import CiderD
 
@@ -206,10 +206,10 @@ class Scored:
 def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: float, names: list[str],
                 config: CalibrationConfig) -> list[Scored]:
     """Decode the split's cached features with every setting; the best caption of each image, labelled."""
-    from data_prep.captions import references
-    from data_prep.features import FeatureCache, cache_dir
-    from data_prep.manifest import load_manifest, split_records
-    from data_prep.tokenizer import tokenize
+    from .captions import references
+    from .features import FeatureCache, cache_dir
+    from .manifest import load_manifest, split_records
+    from .tokenizer import tokenize
 
     from .metrics import CiderD
 
@@ -234,7 +234,7 @@ def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: f
 def calibrate(captioner: "Captioner", data_dir: Path, config: CalibrationConfig) -> tuple[Calibration, dict]:
     """Fit on ``config.split`` and report ECE there and on ``config.report_split``; returns the calibration and,
     per split and setting, the (confidence, good) arrays behind the reliability diagram."""
-    from data_prep.manifest import load_manifest, split_records
+    from .manifest import load_manifest, split_records
 
     names = [n for n in FEATURES if n != "tag_prob" or captioner.can_tag]  # tag_prob needs the ImageNet head
     threshold = human_threshold(split_records(load_manifest(data_dir), config.split), config.human_quantile)
@@ -267,7 +267,7 @@ def calibrate(captioner: "Captioner", data_dir: Path, config: CalibrationConfig)
 
 def save_calibration(calibration: Calibration, directory: Path) -> Path:
     """Write ``calibration.json`` into the checkpoint directory atomically."""
-    from data_prep.manifest import write_json_atomic
+    from .manifest import write_json_atomic
     path = Path(directory) / CALIBRATION
     write_json_atomic(path, calibration.to_json())
     return path

@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 
-from data_prep.features import ImageFiles
-
 from .api import MODELS, Captioner, ImageResult, bundled_checkpoints, resolve_model
 from .decoding import DecodeConfig
 from .encoder import Preprocess
 from .errors import CaptionerError, ConfigError
+from .features import ImageFiles
 from .fetch import FetchConfig, is_url
 
 if TYPE_CHECKING:

@@ -12,14 +12,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.captions import references
-from data_prep.manifest import REPORT, Record, load_manifest, split_records, write_json_atomic
-from data_prep.tokenizer import tokenize
-
 from .api import Captioner
+from .captions import references
 from .decoding import DecodeConfig
 from .errors import DatasetError
+from .manifest import REPORT, Record, load_manifest, split_records, write_json_atomic
 from .metrics import score_all
+from .tokenizer import tokenize
 
 
 def read_results(path: Path, records: list[Record]) -> tuple[dict[int, str], list[str]]:
@@ -83,7 +82,7 @@ def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list
     """Same decoding on the data directory's cached features (no CNN pass): for fast model selection.
     The cache must come from the checkpoint's own encoder, weights and image size. Images the cache
     could not encode are skipped and appended to ``failed`` when given; without it, they are an error."""
-    from data_prep.features import FeatureCache, cache_dir
+    from .features import FeatureCache, cache_dir
 
     cache = FeatureCache(cache_dir(data_dir, captioner.config.encoder))
     if failed is not None:

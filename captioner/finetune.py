@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from data_prep.vocab import Vocab
-
 from .checkpoint import VOCAB, Loaded
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, VocabError
 from .model import CaptionDecoder
+from .vocab import Vocab
 
 
 def start_vocab(checkpoint: Path, data_vocab: Vocab) -> Vocab:

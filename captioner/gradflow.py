@@ -21,15 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.captions import encode_captions
-from data_prep.features import FeatureCache
-from data_prep.manifest import VOCAB, load_manifest, split_records
-from data_prep.vocab import Vocab
-
+from .captions import encode_captions
 from .config import CELLS, ModelConfig
 from .encoder import EncoderConfig
+from .features import FeatureCache
+from .manifest import VOCAB, load_manifest, split_records
 from .model import CaptionDecoder
 from .train import train_step
+from .vocab import Vocab
 
 SYNTHETIC_VOCAB = 200  # vocabulary size of the random captions used when there is no data directory
 

@@ -1,7 +1,7 @@
 """Caption metrics (BLEU-1..4, CIDEr-D, ROUGE-L) on pre-tokenized captions.
 
 Why not call pycocoevalcap: it is the reference implementation, but it expects its own PTB
-tokenizer (Java) in front of it. The project's tokenizer (``data_prep.tokenizer.tokenize``) already
+tokenizer (Java) in front of it. The project's tokenizer (``captioner.tokenizer.tokenize``) already
 approximates that, so we score its tokens directly with pure-Python metrics that reproduce
 pycocoevalcap's numbers (the tests check agreement to 1e-4); pycocoevalcap is a test-only dependency.
 

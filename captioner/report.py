@@ -35,11 +35,10 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterable
 
-from data_prep.tokenizer import tokenize
-
 from .errors import CaptionerError, ConfigError
 from .fetch import SCHEMES
 from .images import load_image
+from .tokenizer import tokenize
 
 THUMB_SIZE = 192  # longest side of an embedded thumbnail, px (cards are 192 px wide)
 THUMB_QUALITY = 72

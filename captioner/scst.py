@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.captions import references
-from data_prep.features import FeatureCache, cache_dir
-from data_prep.manifest import load_manifest, split_records
-
 from .api import Captioner, resolve_model
+from .captions import references
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoding import DecodeConfig, Hypothesis, decode
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_split_from_cache, score
+from .features import FeatureCache, cache_dir
+from .manifest import load_manifest, split_records
 from .metrics import CiderD
 from .model import build_decoder
 

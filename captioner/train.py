@@ -28,20 +28,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data_prep.captions import CaptionTensors, encode_captions
-from data_prep.features import FeatureCache, ImageFiles, build_features, cache_dir
-from data_prep.manifest import REPORT, VOCAB, load_manifest, split_records
-from data_prep.vocab import Vocab
-
 from .api import Captioner, resolve_model
+from .captions import CaptionTensors, encode_captions
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
 from .config import ModelConfig
 from .encoder import EncoderConfig, build_encoder
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_split, caption_split_from_cache, score
+from .features import FeatureCache, ImageFiles, build_features, cache_dir, collate_images
 from .finetune import init_decoder, start_vocab
+from .manifest import REPORT, VOCAB, load_manifest, split_records
 from .model import CaptionDecoder, caption_loss
 from .runtime import autocast, resolve_device, resolve_precision
+from .vocab import Vocab
 
 
 SCHEDULES = ("cosine", "plateau", "constant")
@@ -544,7 +543,6 @@ class Trainer:
 
     def _encode_val(self) -> torch.Tensor:
         images = ImageFiles([r.path for r in self.val_records], self.model_config.encoder.preprocess)
-        from data_prep.features import collate_images
         loader = DataLoader(images, batch_size=64, num_workers=self.config.workers, collate_fn=collate_images)
         encoder = getattr(self.encoder, "module", self.encoder)
         return torch.cat([encoder(px.to(self.device)).float().cpu() for _, px, _ in loader])

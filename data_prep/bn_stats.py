@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 from captioner.encoder import (BUNDLED_WEIGHTS, PACKAGED_WEIGHTS, EncoderError, preprocess_of, weights_enum,
                                read_packaged_state, recalibrate_batchnorm)
 from captioner.images import load_image
-
-from .manifest import load_manifest, split_records
+from captioner.manifest import load_manifest, split_records
 
 
 def sample_train_paths(data_dir: Path, n: int, seed: int) -> list[str]:

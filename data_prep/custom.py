@@ -17,9 +17,10 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
+from captioner.errors import DatasetError
 from captioner.images import IMAGE_EXTENSIONS
+from captioner.manifest import Record
 
-from .manifest import DatasetError, Record
 from .readers import cut_splits
 
 SPLITS = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val", "validation": "val",

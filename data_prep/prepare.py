@@ -9,11 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioner.images import ImageLoadError, load_image
-
-from .manifest import REPORT, VOCAB, DatasetError, Record, save_manifest, write_json_atomic
-from .tokenizer import tokenize
-from .vocab import Vocab
+from captioner.errors import DatasetError, ImageLoadError
+from captioner.images import load_image
+from captioner.manifest import REPORT, VOCAB, Record, save_manifest, write_json_atomic
+from captioner.tokenizer import tokenize
+from captioner.vocab import Vocab
 
 
 @dataclass

@@ -11,7 +11,8 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from .manifest import DatasetError, Record
+from captioner.errors import DatasetError
+from captioner.manifest import Record
 
 
 def _load_json(path: Path) -> object:

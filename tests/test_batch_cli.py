@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
+from captioner.manifest import load_manifest
 from conftest import draw
-from data_prep.manifest import load_manifest
 
 SHAPES = [("red", "square", "white"), ("blue", "circle", "black"), ("green", "square", "black"),
           ("yellow", "circle", "white")]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
+from captioner.tokenizer import detokenize, tokenize
+from captioner.vocab import SPECIALS
 from conftest import FLICKR8K, draw
-from data_prep.tokenizer import detokenize, tokenize
-from data_prep.vocab import SPECIALS
 
 
 def prepare(capsys, *argv: str) -> tuple[int, str, str]:

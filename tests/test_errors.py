@@ -44,7 +44,7 @@ def test_the_error_module_imports_nothing_heavy(tmp_path):
 
 
 @pytest.mark.parametrize("module, name", [
-    ("data_prep.manifest", "DatasetError"), ("data_prep.vocab", "VocabError"), ("captioner.encoder", "EncoderError"),
+    ("captioner.manifest", "DatasetError"), ("captioner.vocab", "VocabError"), ("captioner.encoder", "EncoderError"),
     ("captioner.images", "ImageLoadError"), ("captioner.checkpoint", "CheckpointError"),
     ("captioner.train", "TrainingError"), ("captioner.decoding", "ConfigError"), ("captioner.config", "ConfigError"),
     ("captioner.runtime", "ConfigError"),

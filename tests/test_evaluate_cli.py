@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
-from data_prep.manifest import load_manifest, split_records
+from captioner.manifest import load_manifest, split_records
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "ROUGE_L")
 

@@ -14,9 +14,9 @@ import torchvision
 
 from captioner.cli import main
 from captioner.encoder import EncoderConfig
+from captioner.features import FeatureCache, cache_dir
+from captioner.manifest import load_manifest
 from conftest import TEST_ENCODER
-from data_prep.features import FeatureCache, cache_dir
-from data_prep.manifest import load_manifest
 
 UNREACHABLE_PROXY = "http://127.0.0.1:9"  # the discard port: every download fails at once, like an offline machine
 

@@ -12,8 +12,8 @@ import pytest
 from captioner.encoder import EncoderConfig
 from captioner.gradflow import (SYNTHETIC_VOCAB, GradflowConfig, add_parser, build_decoder, cmd_gradflow,
                                 hidden_grad_norms, load_data, run_gradflow, sigma_max)
-from data_prep.manifest import Record, save_manifest, write_json_atomic
-from data_prep.vocab import Vocab
+from captioner.manifest import Record, save_manifest, write_json_atomic
+from captioner.vocab import Vocab
 
 SMALL = dict(batch_size=8, hidden=64, embed=64, max_len=39, seed=0)  # T = 40 teacher-forced steps
 

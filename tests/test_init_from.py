@@ -20,7 +20,7 @@ from captioner.cli import main
 from captioner.errors import ConfigError
 from captioner.finetune import init_decoder
 from captioner.train import TrainConfig, Trainer
-from data_prep.vocab import Vocab
+from captioner.vocab import Vocab
 
 from conftest import BACKGROUNDS, SHAPES, TEST_ENCODER, draw, make_coco
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from captioner.metrics import bleu, cider_d, rouge_l, score_all
-from data_prep.tokenizer import tokenize
+from captioner.tokenizer import tokenize
 
 SUBJECTS = ["man", "woman", "dog", "cat", "child", "group of people", "bird", "horse", "boy", "girl"]
 ADJECTIVES = ["", "young", "small", "large", "brown", "white", "black", "happy", "old"]

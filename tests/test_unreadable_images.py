@@ -15,9 +15,9 @@ import pytest
 
 from captioner.cli import main
 from captioner.evaluate import score
+from captioner.features import FeatureCache, cache_dir
+from captioner.manifest import load_manifest, save_manifest
 from conftest import TEST_ENCODER
-from data_prep.features import FeatureCache, cache_dir
-from data_prep.manifest import load_manifest, save_manifest
 from test_images import bad_files
 
 ENCODER = ["--encoder", TEST_ENCODER.name, "--weights", "none", "--image-size", "64"]
