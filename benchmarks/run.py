@@ -410,7 +410,7 @@ def bench_training(cap: Captioner, paths: list[str], workers: int, budget: Budge
     tokens = torch.zeros(EPOCH_CAPTIONS, max_len + 2, dtype=torch.long)
     for row, n in enumerate(lengths):
         tokens[row, :n] = torch.randint(4, cap.config.vocab_size, (n,))
-        tokens[row, 0], tokens[row, n - 1] = cap.vocab.start_id, cap.vocab.end_id
+        tokens[row, 0], tokens[row, n - 1] = cap.vocab.specials.start, cap.vocab.specials.end
     pair_image = torch.arange(EPOCH_CAPTIONS) // 5
     features = torch.randn(EPOCH_CAPTIONS // 5, cap.config.feature_dim)  # the cache, gathered into memory
     order = torch.randperm(EPOCH_CAPTIONS).split(budget.train_batch)

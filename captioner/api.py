@@ -129,8 +129,7 @@ class Captioner:
         if config.guide:
             constraints = self.tagger.constraints(features, config.guide_threshold, self.vocab.index)
         with autocast(self.precision, self.device):
-            hyps = decode(self.decoder, features, config, self.vocab.start_id, self.vocab.end_id,
-                          self.vocab.pad_id, self.vocab.unk_id, constraints)
+            hyps = decode(self.decoder, features, config, self.vocab.specials, constraints)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if self.calibration is not None:
             tag_prob = None

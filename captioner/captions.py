@@ -28,7 +28,7 @@ def encode_captions(records: list[Record], vocab: Vocab, max_len: int) -> Captio
         for caption in record.captions:
             rows.append(vocab.encode(tokenize(caption)[:max_len]))
             image_index.append(i)
-    tokens = torch.full((len(rows), max_len + 2), vocab.pad_id, dtype=torch.long)
+    tokens = torch.full((len(rows), max_len + 2), vocab.specials.pad, dtype=torch.long)
     for j, ids in enumerate(rows):
         tokens[j, : len(ids)] = torch.tensor(ids)
     lengths = torch.tensor([len(r) for r in rows])

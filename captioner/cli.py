@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from captioner.errors import USER_ERRORS, ConfigError
 
@@ -35,7 +36,7 @@ def cmd_prepare(args) -> int:
     # which imports the library, so the dependency points one way. Imported here, on use, to keep it so.
     from data_prep.custom import read_folder, read_table
     from data_prep.prepare import PrepareConfig, prepare
-    from data_prep.readers import read_coco, read_flickr8k, read_karpathy
+    from data_prep.readers import flickr8k_split_files, read_coco, read_flickr8k, read_karpathy
 
     skips: list[dict] = []
     if args.format in ("csv", "folder") and len(args.captions) != 1:
@@ -46,25 +47,23 @@ def cmd_prepare(args) -> int:
     if args.format != "coco" and args.images is not None and len(args.images) != 1:
         raise ConfigError(f"prepare {args.format} takes one --images folder (got {len(args.images)})")
     if args.format == "csv":
-        records, skips = read_table(args.captions[0], args.images[0], args.val_size, args.test_size, args.seed)
+        records, skips = read_table(args.captions[0], args.images[0], val_size=args.val_size,
+                                    test_size=args.test_size, seed=args.seed)
     elif args.format == "folder":
         if args.images is not None and args.images[0].resolve() != args.captions[0].resolve():
             raise ConfigError("prepare folder reads the photos from the folder given; leave out --images")
-        records, skips = read_folder(args.captions[0], args.val_size, args.test_size, args.seed)
+        records, skips = read_folder(args.captions[0], val_size=args.val_size, test_size=args.test_size, seed=args.seed)
     elif args.format == "coco":
-        records = read_coco(args.captions, args.images, args.split_names, args.val_size, args.test_size, args.seed)
+        records = read_coco(args.captions, args.images, split_names=args.split_names, val_size=args.val_size,
+                            test_size=args.test_size, seed=args.seed)
     elif args.format == "karpathy":
         records = read_karpathy(args.captions[0], args.images[0])
     else:
-        token = args.captions[0]
-        splits = {"train": token.parent / "Flickr_8k.trainImages.txt", "val": token.parent / "Flickr_8k.devImages.txt",
-                  "test": token.parent / "Flickr_8k.testImages.txt"}
-        for item in args.split_file:
-            name, _, path = item.partition("=")
-            splits[name] = Path(path)
-        records, skips = read_flickr8k(token, splits, args.images[0])
+        given = {name: Path(path) for name, _, path in (item.partition("=") for item in args.split_file)}  # SPLIT=PATH
+        records, skips = read_flickr8k(args.captions[0], flickr8k_split_files(args.captions[0], given), args.images[0])
     config = PrepareConfig(min_count=args.min_count, max_len=args.max_len, strict=args.strict)
-    report = prepare(records, args.out, f"{args.format}:{','.join(map(str, args.captions))}", config, skips)
+    report = prepare(records, args.out, source=f"{args.format}:{','.join(map(str, args.captions))}", config=config,
+                     reader_skips=skips)
     print(f"images per split: {report['images']}; captions: {report['captions']}")
     if report["vocab_size"] is None:
         print(f"no training split: no vocabulary (evaluation uses the checkpoint's); "
@@ -115,7 +114,8 @@ def _encoder_config(args):
 
 def cmd_features(args) -> int:
     from .features import build_features, read_failures
-    directory = build_features(args.data_dir, _encoder_config(args), args.batch_size, args.device, args.workers)
+    directory = build_features(args.data_dir, _encoder_config(args), batch_size=args.batch_size, device=args.device,
+                               workers=args.workers)
     return 1 if read_failures(directory) else 0
 
 
@@ -132,15 +132,17 @@ TRAIN_HELP = {"epochs": "length of the run; with --resume: changes the saved run
                            "its vocabulary extended with the data's new words (leave out the model/encoder flags)"}
 
 
-def _add_config_flags(p, cls, names, helps: dict[str, str], choices: dict[str, tuple] | None = None) -> None:
+def _add_config_flags(p, cls, names, helps: dict[str, str], choices: dict[str, tuple] | None = None,
+                      types: dict[str, Callable] | None = None) -> None:
     """One flag per field of the dataclass ``cls`` in ``names``, with default None: the dataclass stays the
     only place a default is written (--help shows it), and a flag left out can be told from one given
-    (``--resume`` keeps the run's own value)."""
+    (``--resume`` keeps the run's own value). ``types`` parses a field whose default's type cannot
+    (a tuple, an optional int)."""
     import dataclasses
     for f in dataclasses.fields(cls):
         if f.name in names:
             kind = ({"action": "store_true"} if isinstance(f.default, bool)
-                    else {"type": type(f.default), "choices": (choices or {}).get(f.name)})
+                    else {"type": (types or {}).get(f.name, type(f.default)), "choices": (choices or {}).get(f.name)})
             p.add_argument("--" + f.name.replace("_", "-"), default=None,
                            help=f"{helps.get(f.name, '')} (default: {f.default})".lstrip(), **kind)
 
@@ -169,15 +171,9 @@ def _add_train(sub) -> None:
     _add_config_flags(p, TrainConfig, _train_fields(), TRAIN_HELP, {"schedule": SCHEDULES, "precision": PRECISIONS})
 
 
-def _model_config(args):
-    """The architecture: given flags over ``ModelConfig``'s defaults; ``max_len`` from the prepare report."""
-    import json
-    from captioner.config import ModelConfig
-    max_len = args.max_len
-    if max_len is None:
-        report = args.data_dir / "prepare_report.json"
-        max_len = json.loads(report.read_text()).get("max_len", 30) if report.is_file() else 30
-    return ModelConfig(vocab_size=5, max_len=max_len, **_given(args, MODEL_FLAGS))
+def _model_options(args) -> dict:
+    """The architecture flags given (``ModelConfig`` fields); ``Trainer`` fills in the rest."""
+    return _given(args, [*MODEL_FLAGS, "max_len"])
 
 
 def _train_config(args):
@@ -189,40 +185,36 @@ def _train_config(args):
 def cmd_train(args) -> int:
     from captioner.train import Trainer, resume_config
     if args.resume:
-        given = _given(args, [*_train_fields(), *ENCODER_FLAGS, *MODEL_FLAGS, "max_len"])
-        trainer = Trainer(args.data_dir, args.out, None, None, resume_config(args.out, given), resume=True)
+        given = {**_given(args, [*_train_fields(), *ENCODER_FLAGS]), **_model_options(args)}
+        trainer = Trainer(args.data_dir, args.out, resume_config(args.out, given), resume=True)
     elif args.init_from:
         from captioner.api import resolve_model
         from captioner.checkpoint import load_checkpoint
         from captioner.finetune import check_given
-        check_given(load_checkpoint(resolve_model(args.init_from)), _given(args, [*ENCODER_FLAGS, *MODEL_FLAGS, "max_len"]))
-        trainer = Trainer(args.data_dir, args.out, None, None, _train_config(args))
+        check_given(load_checkpoint(resolve_model(args.init_from)), {**_given(args, ENCODER_FLAGS), **_model_options(args)})
+        trainer = Trainer(args.data_dir, args.out, _train_config(args))
     else:
-        trainer = Trainer(args.data_dir, args.out, _model_config(args), _encoder_config(args), _train_config(args))
+        trainer = Trainer(args.data_dir, args.out, _train_config(args), model_options=_model_options(args),
+                          encoder_config=_encoder_config(args))
     result = trainer.fit()
     if trainer.rank == 0:
         print(f"done: {result}; best checkpoint: {args.out / 'best'}")
     return 0
 
 
+DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
+                "no_repeat_ngram", "seed", "guide", "guide_threshold")  # DecodeConfig fields given as flags
+DECODE_HELP = {"length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
+               "seed": "seed for --strategy sample",
+               "guide": "beam only: the caption must name what the CNN's ImageNet head recognises (constrained beam)",
+               "guide_threshold": "probability a recognised object needs before --guide requires its word"}
+
+
 def _add_decode_args(p) -> None:
     from captioner.decoding import STRATEGIES, DecodeConfig
-    d = DecodeConfig()
-    p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
-    p.add_argument("--beam-size", type=int, default=d.beam_size)
-    p.add_argument("--length-penalty", type=float, default=d.length_penalty, help="alpha in logprob / len**alpha")
-    p.add_argument("--num-return", type=int, default=1, help="n-best captions per image")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram)
+    _add_config_flags(p, DecodeConfig, DECODE_FLAGS, DECODE_HELP, {"strategy": STRATEGIES}, {"seed": int})
     p.add_argument("--max-len", type=int, help="longest caption (default: the model's)")
     p.add_argument("--allow-unk", action="store_true", help="let <unk> appear in captions")
-    p.add_argument("--seed", type=int, help="seed for --strategy sample")
-    p.add_argument("--guide", action="store_true",
-                   help="beam only: the caption must name what the CNN's ImageNet head recognises (constrained beam)")
-    p.add_argument("--guide-threshold", type=float, default=d.guide_threshold,
-                   help="probability a recognised object needs before --guide requires its word")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -230,13 +222,8 @@ def _add_decode_args(p) -> None:
 
 
 def _decode_config(args, captioner):
-    options = dict(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
-                   num_return=args.num_return, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   no_repeat_ngram=args.no_repeat_ngram, suppress_unk=not args.allow_unk, seed=args.seed,
-                   guide=args.guide, guide_threshold=args.guide_threshold)
-    if args.max_len:
-        options["max_len"] = args.max_len
-    return captioner.decode_config(**options)
+    """Given flags over ``DecodeConfig``'s defaults; ``max_len`` defaults to the model's (``decode_config``)."""
+    return captioner.decode_config(**_given(args, [*DECODE_FLAGS, "max_len"]), suppress_unk=not args.allow_unk)
 
 
 def _add_caption(sub) -> None:
@@ -311,9 +298,10 @@ def cmd_caption(args) -> int:
         writer = MetadataWriter(list(dict.fromkeys(args.write_metadata)), args.dry_run, args.overwrite_existing)
     elif args.dry_run or args.overwrite_existing:
         raise ConfigError("--dry-run and --overwrite-existing only go with --write-metadata KIND")
-    summary = caption_files(captioner, expand_inputs(args.images), config, args.output, fmt, args.resume,
-                            args.data, args.batch_size, args.workers, args.decode_batch, metadata=writer,
-                            min_confidence=args.min_confidence, stream=stream)
+    summary = caption_files(captioner, expand_inputs(args.images), config, out=args.output, fmt=fmt,
+                            resume=args.resume, data_dir=args.data, batch_size=args.batch_size, workers=args.workers,
+                            decode_batch=args.decode_batch, metadata=writer, min_confidence=args.min_confidence,
+                            stream=stream)
     for line in writer.notes() if writer else []:
         print(line, file=sys.stderr)
     for failure in summary["failed"]:
@@ -372,8 +360,9 @@ def cmd_evaluate(args) -> int:
         checkpoint = str(args.checkpoint or default_checkpoint())
         captioner = Captioner.from_pretrained(checkpoint, device=args.device)
         config = _decode_config(args, captioner)
-    summary = evaluate(args.data_dir, args.split, captioner, config, args.results, args.per_image, checkpoint,
-                       args.batch_size, args.workers, args.from_cache)
+    summary = evaluate(args.data_dir, args.split, captioner=captioner, config=config, results=args.results,
+                       per_image=args.per_image, checkpoint=checkpoint, batch_size=args.batch_size,
+                       workers=args.workers, from_cache=args.from_cache)
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     for failure in summary["failed"]:
@@ -395,14 +384,30 @@ def cmd_evaluate(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+GRADFLOW_FLAGS = ("cells", "steps", "init_scale")  # GradflowConfig fields given as flags
+GRADFLOW_HELP = {"cells": "comma list", "steps": "Adam steps between the two measurements",
+                 "init_scale": "multiply W_hh after init (e.g. 4 makes the vanilla RNN explode)"}
+
+
 def _add_gradflow(sub) -> None:
-    from captioner.gradflow import add_parser
-    add_parser(sub)
+    from captioner.gradflow import GradflowConfig, parse_cells
+    p = sub.add_parser("gradflow", help="measure vanishing/exploding gradients through time for rnn/gru/lstm")
+    p.add_argument("data_dir", type=Path)
+    _add_config_flags(p, GradflowConfig, GRADFLOW_FLAGS, GRADFLOW_HELP, types={"cells": parse_cells})
+    p.add_argument("-o", "--out", type=Path, default=Path("gradflow.png"), help="plot to write")
+    p.add_argument("--json", type=Path, help="measurements to write (default: beside the plot, as .json)")
 
 
-def _cmd_gradflow(args) -> int:
-    from captioner.gradflow import cmd_gradflow
-    return cmd_gradflow(args)
+def cmd_gradflow(args) -> int:
+    import json
+    from captioner.gradflow import GradflowConfig, format_summary, plot_gradflow, run_gradflow
+    result = run_gradflow(args.data_dir, GradflowConfig(**_given(args, GRADFLOW_FLAGS)))
+    json_path = args.json or args.out.with_suffix(".json")
+    json_path.write_text(json.dumps(result, indent=1))
+    plot_gradflow(result, args.out)
+    print(format_summary(result))
+    print(f"wrote {args.out} and {json_path}")
+    return 0
 
 
 def _add_export(sub) -> None:
@@ -505,7 +510,7 @@ def cmd_explain(args) -> int:
 
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
-            "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, _cmd_gradflow),
+            "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, cmd_gradflow),
             "export": (_add_export, cmd_export), "report": (_add_report, cmd_report), "scst": (_add_scst, cmd_scst),
             "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain)}
 

@@ -13,6 +13,7 @@ import torch
 
 from .errors import ConfigError
 from .model import CaptionDecoder, State
+from .vocab import SpecialIds
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -70,12 +71,11 @@ def _penalised(logprob: torch.Tensor, length: torch.Tensor, alpha: float) -> tor
     return logprob / length.clamp(min=1).float() ** alpha
 
 
-def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: tuple[int, int, int]) -> torch.Tensor:
+def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: SpecialIds) -> torch.Tensor:
     """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, tokens completing a seen n-gram."""
-    pad_id, start_id, unk_id = specials
-    logp[:, pad_id] = logp[:, start_id] = float("-inf")  # two column fills: no index tensor per step
+    logp[:, specials.pad] = logp[:, specials.start] = float("-inf")  # two column fills: no index tensor per step
     if config.suppress_unk:
-        logp[:, unk_id] = float("-inf")
+        logp[:, specials.unk] = float("-inf")
     n = config.no_repeat_ngram
     if n and history.shape[1] >= n:
         windows = history.unfold(1, n, 1)  # (N, W, n)
@@ -114,41 +114,42 @@ def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) ->
 
 
 @torch.no_grad()
-def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int = 1,
-           end_id: int = 2, pad_id: int = 0, unk_id: int = 3,
-           constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
+           specials: SpecialIds = SpecialIds(), constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
     """(B, D) features -> for each image, ``num_return`` hypotheses best first.
+
+    ``specials``: the vocabulary's special token ids (``vocab.specials``; every vocabulary has the default ones).
 
     ``constraints`` (beam only): per image, token ids of which the caption must contain at least one
     (an empty list leaves that image unconstrained).
     """
     if config.strategy == "beam":
-        return _beam(decoder, features, config, start_id, end_id, pad_id, unk_id, constraints)
-    return _sample(decoder, features, config, start_id, end_id, pad_id, unk_id)
+        return _beam(decoder, features, config, specials, constraints)
+    return _sample(decoder, features, config, specials)
 
 
-def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor, end_id: int,
-            pad_id: int) -> list[Hypothesis]:
+def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,
+            specials: SpecialIds) -> list[Hypothesis]:
     out = []
     for row, lp, sc in zip(tokens.tolist(), logprob.tolist(), score.tolist()):
         words = []
         for t in row:
-            if t in (end_id, pad_id):
+            if t in (specials.end, specials.pad):
                 break
             words.append(t)
         out.append(Hypothesis(words, lp, sc))
     return out
 
 
-def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int, end_id: int,
-            pad_id: int, unk_id: int) -> list[list[Hypothesis]]:
+def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
+            specials: SpecialIds) -> list[list[Hypothesis]]:
     """Greedy (argmax) or ancestral sampling; ``num_return`` independent samples per image."""
     b, r = features.shape[0], config.num_return
     device = features.device
     feats = features.repeat_interleave(r, dim=0)  # (B*r, D)
     state = decoder.init_state(feats)
     n = feats.shape[0]
-    prev = torch.full((n,), start_id, dtype=torch.long, device=device)
+    prev = torch.full((n,), specials.start, dtype=torch.long, device=device)
     history = torch.empty((n, 0), dtype=torch.long, device=device)
     logprob = torch.zeros(n, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
@@ -158,20 +159,20 @@ def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfi
         generator = torch.Generator(device=device).manual_seed(config.seed)
     for _ in range(config.max_len):
         logp, state = _step_unfinished(decoder, prev, state, finished)
-        logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
+        logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
         if config.strategy == "greedy":
             nxt = logp.argmax(-1)
         else:
             nxt = _draw(logp, config, generator)
         logprob += logp.gather(1, nxt[:, None])[:, 0]
         length += (~finished).long()
-        finished |= nxt == end_id
+        finished |= nxt == specials.end
         history = torch.cat([history, nxt[:, None]], dim=1)
         prev = nxt
         if finished.all():
             break
     score = _penalised(logprob, length, config.length_penalty)
-    hyps = _finish(history, logprob, score, end_id, pad_id)
+    hyps = _finish(history, logprob, score, specials)
     groups = [hyps[i * r:(i + 1) * r] for i in range(b)]
     return [sorted(g, key=lambda h: -h.score) for g in groups]
 
@@ -191,8 +192,8 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, start_id: int, end_id: int,
-          pad_id: int, unk_id: int, constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
+          constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
     """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step.
 
     With ``constraints`` it is a constrained beam search (Anderson et al., 2017) for one disjunctive
@@ -206,7 +207,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     device = features.device
     state = decoder.init_state(features.repeat_interleave(g * k, dim=0))  # each (L, B*g*k, H)
     n = b * g * k
-    prev = torch.full((n,), start_id, dtype=torch.long, device=device)
+    prev = torch.full((n,), specials.start, dtype=torch.long, device=device)
     history = torch.empty((n, 0), dtype=torch.long, device=device)
     logprob = torch.full((b, g, k), float("-inf"), device=device)
     logprob[:, 0, 0] = 0.0  # all beams start identical: keep one alive, group 1 starts empty
@@ -215,7 +216,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     sources = _group_sources(constraints, b, decoder.config.vocab_size, device)
     for _ in range(config.max_len):
         logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*g*k, V)
-        logp = _freeze_finished(_ban(logp, history, config, (pad_id, start_id, unk_id)), finished, pad_id)
+        logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
         cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
@@ -235,14 +236,14 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         logprob = torch.stack(new_lp, 1)  # (B, g, k)
         length = torch.stack(new_len, 1).view(-1)
         token = torch.stack(new_tok, 1).view(-1)
-        finished = finished[rows_t] | (token == end_id)
+        finished = finished[rows_t] | (token == specials.end)
         history = torch.cat([history[rows_t], token[:, None]], dim=1)
         state = tuple(s.index_select(1, rows_t) for s in state)
         prev = token
         if finished.all():
             break
     flat_lp = logprob.view(-1)
-    hyps = _finish(history, flat_lp, _penalised(flat_lp, length, alpha), end_id, pad_id)
+    hyps = _finish(history, flat_lp, _penalised(flat_lp, length, alpha), specials)
     out = []
     for i in range(b):
         groups = [[h for h in hyps[(i * g + j) * k:(i * g + j + 1) * k] if h.logprob > float("-inf")] for j in range(g)]

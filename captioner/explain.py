@@ -143,7 +143,7 @@ def explain_image(captioner: "Captioner", image: ImageSource, config: DecodeConf
     box = tuple(round(v * scale) for v in crop_box(*photo.size, pre))
     if not tokens:
         return Explanation(best["caption"], [], np.zeros((0, shown.height, shown.width), np.float32), [], shown, box)
-    cams, logprobs = captioner.gradcam(pixels, captioner.decoder, tokens, captioner.vocab.start_id)
+    cams, logprobs = captioner.gradcam(pixels, captioner.decoder, tokens, captioner.vocab.specials.start)
     return Explanation(best["caption"], list(best["tokens"]), place(cams, shown.size, box),
                        [round(float(v), 4) for v in logprobs], shown, box)
 

@@ -68,7 +68,7 @@ def init_decoder(loaded: Loaded, vocab: Vocab) -> tuple[ModelConfig, CaptionDeco
     if new_words:
         counts = torch.tensor([max(1, vocab.counts.get(w, 0)) for w in new_words], dtype=torch.float32)  # (K,)
         share = torch.log(counts / counts.sum())  # (K,) each new word's part of <unk>'s probability
-        unk, k = old.unk_id, len(new_words)
+        unk, k = old.specials.unk, len(new_words)
         state["embed.weight"] = torch.cat([state["embed.weight"], state["embed.weight"][unk].expand(k, -1)])  # (V', E)
         state["out.weight"] = torch.cat([state["out.weight"], state["out.weight"][unk].expand(k, -1)])  # (V', H)
         state["out.bias"] = torch.cat([state["out.bias"], state["out.bias"][unk] + share])  # (V',)

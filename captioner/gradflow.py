@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,7 +162,7 @@ def load_data(data_dir: Path | None, config: GradflowConfig) -> GradflowData:
     if data_dir is None:
         n = 4 * config.batch_size
         tokens = torch.randint(4, SYNTHETIC_VOCAB, (n, config.max_len + 2), generator=gen)
-        tokens[:, 0], tokens[:, -1] = Vocab.start_id, Vocab.end_id
+        tokens[:, 0], tokens[:, -1] = Vocab.specials.start, Vocab.specials.end
         pair_image, vocab_size, features, source = torch.arange(n), SYNTHETIC_VOCAB, None, "no data directory"
     else:
         train_records = split_records(load_manifest(data_dir), "train")
@@ -174,7 +173,7 @@ def load_data(data_dir: Path | None, config: GradflowConfig) -> GradflowData:
     if features is None:
         source = f"random normal features ({source})"
         features = torch.randn(int(pair_image.max()) + 1, config.feature_dim, generator=gen)
-    lengths = (tokens != Vocab.pad_id).sum(1)
+    lengths = (tokens != Vocab.specials.pad).sum(1)
     longest = lengths.argsort(descending=True, stable=True)[: config.batch_size]
     probe = tokens[longest, : int(lengths[longest].min())]
     return GradflowData(features, tokens, pair_image, probe, features[pair_image[longest]], vocab_size, source)
@@ -240,33 +239,10 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cells(text: str) -> tuple[str, ...]:
+def parse_cells(text: str) -> tuple[str, ...]:
+    """``--cells rnn,lstm`` -> ('rnn', 'lstm')."""
     cells = tuple(c.strip() for c in text.split(",") if c.strip())
     unknown = [c for c in cells if c not in CELLS]
     if unknown or not cells:
         raise argparse.ArgumentTypeError(f"cells must be a comma list of {CELLS}, got {text!r}")
     return cells
-
-
-def add_parser(sub) -> None:
-    """Register ``captioner gradflow``."""
-    defaults = GradflowConfig()
-    p = sub.add_parser("gradflow", help="measure vanishing/exploding gradients through time for rnn/gru/lstm")
-    p.add_argument("data_dir", type=Path)
-    p.add_argument("--cells", type=_cells, default=defaults.cells, help="comma list (default rnn,gru,lstm)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="Adam steps between the two measurements")
-    p.add_argument("--init-scale", type=float, default=defaults.init_scale,
-                   help="multiply W_hh after init (e.g. 4 makes the vanilla RNN explode)")
-    p.add_argument("-o", "--out", type=Path, default=Path("gradflow.png"), help="plot to write")
-    p.add_argument("--json", type=Path, help="measurements to write (default: beside the plot, as .json)")
-
-
-def cmd_gradflow(args) -> int:
-    config = GradflowConfig(cells=args.cells, steps=args.steps, init_scale=args.init_scale)
-    result = run_gradflow(args.data_dir, config)
-    json_path = args.json or args.out.with_suffix(".json")
-    json_path.write_text(json.dumps(result, indent=1))
-    plot_gradflow(result, args.out)
-    print(format_summary(result))
-    print(f"wrote {args.out} and {json_path}")
-    return 0

@@ -35,6 +35,7 @@ from .features import FeatureCache, cache_dir
 from .manifest import load_manifest, split_records
 from .metrics import CiderD
 from .model import build_decoder
+from .vocab import SpecialIds
 
 BASELINES = ("mean", "greedy")
 
@@ -62,12 +63,12 @@ class ScstConfig:
             raise ConfigError("the mean-of-others baseline needs at least 2 samples per image")
 
 
-def sampled_tokens(hyps: list[Hypothesis], max_len: int, start_id: int, end_id: int, pad_id: int) -> torch.Tensor:
+def sampled_tokens(hyps: list[Hypothesis], max_len: int, specials: SpecialIds) -> torch.Tensor:
     """Samples -> (N, max_len + 2) ``<start> w.. <end> <pad>..`` rows for teacher forcing. A sample that
     reached ``max_len`` words was cut, not ended, so it gets no ``<end>`` (its last word is its last target)."""
-    rows = torch.full((len(hyps), max_len + 2), pad_id, dtype=torch.long)
+    rows = torch.full((len(hyps), max_len + 2), specials.pad, dtype=torch.long)
     for i, h in enumerate(hyps):
-        ids = [start_id, *h.tokens] + ([end_id] if len(h.tokens) < max_len else [])
+        ids = [specials.start, *h.tokens] + ([specials.end] if len(h.tokens) < max_len else [])
         rows[i, :len(ids)] = torch.tensor(ids)
     return rows
 
@@ -119,8 +120,8 @@ class ScstTrainer:
         self.features = cache.gather([r.id for r in self.train_records])  # (N, D) float32
         self.scorer = CiderD(references(self.train_records))
         self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=config.lr, weight_decay=0.0)
-        specials = (self.vocab.pad_id, self.vocab.start_id, self.vocab.unk_id)
-        self.banned = list(specials)  # what decode never samples (suppress_unk is on by default)
+        specials = self.vocab.specials
+        self.banned = [specials.pad, specials.start, specials.unk]  # what decode never samples (suppress_unk is on)
         self.sample_config = DecodeConfig(strategy="sample", max_len=self.model_config.max_len,
                                           num_return=config.samples, temperature=config.temperature)
         self.greedy_config = DecodeConfig(strategy="greedy", max_len=self.model_config.max_len)
@@ -137,17 +138,16 @@ class ScstTrainer:
         self.decoder.eval()  # the policy that samples is the one whose log-probabilities are trained: no dropout
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         samples = [h for per in decode(self.decoder, feats, DecodeConfig(**{**asdict(self.sample_config), "seed": seed}),
-                                       vocab.start_id, vocab.end_id, vocab.pad_id, vocab.unk_id) for h in per]
+                                       vocab.specials) for h in per]
         s = cfg.samples
         rewards = self.rewards([i for i in ids for _ in range(s)], samples).view(-1, s)  # (B, S)
         greedy = None
         if cfg.baseline == "greedy":
-            best = [per[0] for per in decode(self.decoder, feats, self.greedy_config, vocab.start_id, vocab.end_id,
-                                             vocab.pad_id, vocab.unk_id)]
+            best = [per[0] for per in decode(self.decoder, feats, self.greedy_config, vocab.specials)]
             greedy = self.rewards(ids, best)
         adv = advantages(rewards, cfg.baseline, greedy).view(-1).to(self.device)  # (B*S,)
-        tokens = sampled_tokens(samples, self.model_config.max_len, vocab.start_id, vocab.end_id, vocab.pad_id)
-        logp = sequence_logprob(self.decoder, feats.repeat_interleave(s, 0), tokens.to(self.device), vocab.pad_id,
+        tokens = sampled_tokens(samples, self.model_config.max_len, vocab.specials)
+        logp = sequence_logprob(self.decoder, feats.repeat_interleave(s, 0), tokens.to(self.device), vocab.specials.pad,
                                 self.banned)  # (B*S,)
         lengths = torch.tensor([len(h.tokens) for h in samples], dtype=torch.float)
         loss = -(adv * logp).sum() / lengths.add(1).sum().to(self.device)  # per generated token, as XE is

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .api import Captioner, resolve_model
 from .captions import CaptionTensors, encode_captions
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
-from .config import ModelConfig
+from .config import ModelConfig, default_encoder
 from .encoder import EncoderConfig, build_encoder
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_split, caption_split_from_cache, score
@@ -282,13 +282,16 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 class Trainer:
     """One training run: data, model, optimizer, validation and checkpoints.
 
-    With ``resume``, ``config`` must be the run's own, ``resume_config(out, overrides)``, and the model and
-    encoder come from ``out/last`` (``model_config`` and ``encoder_config`` are not used). With
-    ``config.init_from`` they come from that checkpoint, its vocabulary extended (pass None for both).
+    A new run builds its model from ``ModelConfig``'s defaults, the prepare report's ``max_len`` and the
+    data's vocabulary size, under ``model_options`` (the ``ModelConfig`` fields given, e.g. ``hidden``), and
+    its encoder from ``encoder_config`` (default: ``config.default_encoder()``). With ``resume``, ``config``
+    must be the run's own, ``resume_config(out, overrides)``, and the model and encoder come from
+    ``out/last``. With ``config.init_from`` they come from that checkpoint, its vocabulary extended. Those
+    two take neither ``model_options`` nor ``encoder_config``.
     """
 
-    def __init__(self, data_dir: Path, out: Path, model_config: ModelConfig | None,
-                 encoder_config: EncoderConfig | None, config: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, data_dir: Path, out: Path, config: TrainConfig, *, model_options: dict | None = None,
+                 encoder_config: EncoderConfig | None = None, resume: bool = False) -> None:
         self.data_dir, self.out, self.config = Path(data_dir), Path(out), config
         self.rank, self.world = _distributed()
         self.device = resolve_device(config.device)
@@ -310,17 +313,18 @@ class Trainer:
             self.vocab = start_vocab(resolve_model(config.init_from), self.vocab)
         self.state = TrainState()
         torch.manual_seed(config.seed)
+        if (resume or config.init_from) and (model_options or encoder_config is not None):
+            raise ConfigError("resume and init_from: the model and encoder come from the checkpoint; "
+                              "pass no model_options and no encoder_config")
         if resume:
             self._load_resume()
         elif config.init_from:
-            self._load_init(model_config, encoder_config)
+            self._load_init()
         else:
-            encoder, enc_cfg = build_encoder(encoder_config)
-            self.encoder = encoder
-            max_len = model_config.max_len if model_config else report.get("max_len", 30)
-            base = model_config or ModelConfig(vocab_size=len(self.vocab))
-            self.model_config = ModelConfig.from_json({**base.to_json(), "vocab_size": len(self.vocab),
-                                                       "encoder": enc_cfg.to_json(), "max_len": max_len})
+            self.encoder, enc_cfg = build_encoder(encoder_config or default_encoder())
+            report_len = {"max_len": report["max_len"]} if "max_len" in report else {}  # else ModelConfig's
+            self.model_config = ModelConfig(vocab_size=len(self.vocab), encoder=enc_cfg,
+                                            **{**report_len, **(model_options or {})})
             self.decoder = CaptionDecoder(self.model_config)
         if self.rank == 0:
             _check_output(self.out, [self.decoder, self.encoder],
@@ -354,11 +358,8 @@ class Trainer:
         self.decoder.load_state_dict(loaded.decoder_state)
         self.encoder = loaded.encoder
 
-    def _load_init(self, model_config: ModelConfig | None, encoder_config: EncoderConfig | None) -> None:
+    def _load_init(self) -> None:
         """``init_from``: the checkpoint's model and encoder, rows added for the data's new words."""
-        if model_config is not None or encoder_config is not None:
-            raise ConfigError("init_from: the model and encoder come from the checkpoint; "
-                              "pass model_config=None and encoder_config=None")
         loaded = load_checkpoint(resolve_model(self.config.init_from))
         self.model_config, self.decoder = init_decoder(loaded, self.vocab)
         self.encoder = loaded.encoder

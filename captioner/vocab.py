@@ -14,6 +14,16 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
 
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the four special tokens, passed as one object to decoding and training (not four loose ints)."""
+
+    pad: int = 0
+    start: int = 1
+    end: int = 2
+    unk: int = 3
+
+
 @dataclass
 class Vocab:
     """Ordered word list; ids are positions. Ids 0..3 are always <pad> <start> <end> <unk>."""
@@ -28,7 +38,7 @@ class Vocab:
             raise VocabError("vocabulary has duplicate words")
         self.index = {w: i for i, w in enumerate(self.words)}
 
-    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+    specials = SpecialIds()  # a class attribute, not a field: every vocabulary starts with SPECIALS
 
     def __len__(self) -> int:
         return len(self.words)
@@ -50,16 +60,16 @@ class Vocab:
 
     def encode(self, tokens: list[str]) -> list[int]:
         """Token ids wrapped in <start> ... <end>; unknown words become <unk>."""
-        return [self.start_id] + [self.index.get(t, self.unk_id) for t in tokens] + [self.end_id]
+        return [self.specials.start] + [self.index.get(t, self.specials.unk) for t in tokens] + [self.specials.end]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Words of a generated id sequence, stopping at <end> and skipping <start>/<pad>."""
         out = []
         for i in ids:
             i = int(i)
-            if i == self.end_id:
+            if i == self.specials.end:
                 break
-            if i in (self.pad_id, self.start_id):
+            if i in (self.specials.pad, self.specials.start):
                 continue
             out.append(self.words[i])
         return out

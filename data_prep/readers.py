@@ -130,6 +130,15 @@ def _read_lines(path: Path) -> list[str]:
         raise DatasetError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
+FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                        "test": "Flickr_8k.testImages.txt"}  # the official split lists, beside the token file
+
+
+def flickr8k_split_files(token_file: Path, given: dict[str, Path]) -> dict[str, Path]:
+    """The split lists to read: the official ones beside ``token_file``, replaced or extended by ``given``."""
+    return {**{split: token_file.parent / name for split, name in FLICKR8K_SPLIT_FILES.items()}, **given}
+
+
 def read_flickr8k(token_file: Path, split_files: dict[str, Path], images_dir: Path) -> tuple[list[Record], list[dict]]:
     """``Flickr8k.token.txt`` plus the split lists; images listed in no split are reported, not kept.
 

@@ -9,6 +9,7 @@ from captioner.config import ModelConfig
 from captioner.decoding import DecodeConfig, decode
 from captioner.encoder import EncoderConfig
 from captioner.model import CaptionDecoder
+from captioner.vocab import SpecialIds
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,19 @@ def test_unk_suppressed_unless_allowed(decoder, feats):
     finally:
         with torch.no_grad():
             decoder.out.bias[3] -= 50.0
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_the_special_ids_given_are_the_ones_used(decoder, feats, strategy):
+    """``decode`` ends, pads and bans with the ``SpecialIds`` it is given, not with fixed numbers: a caption
+    ends at the given <end> and never contains the given <unk>."""
+    config = DecodeConfig(strategy=strategy, max_len=12)
+    plain = decode(decoder, feats, config)
+    first = plain[0][0].tokens[0]  # the first word of image 0's caption becomes <end>, then <unk>
+    ended = decode(decoder, feats, config, SpecialIds(end=first))
+    assert ended[0][0].tokens == []
+    banned = decode(decoder, feats, config, SpecialIds(unk=first))
+    assert all(first not in h[0].tokens for h in banned)
 
 
 def test_top_p_keeps_the_nucleus_only():

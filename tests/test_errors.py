@@ -98,8 +98,9 @@ def test_invalid_decoding_options_are_one_line(capsys, tmp_path):
     assert "greedy decoding returns one caption" in line
 
 
-def test_invalid_model_sizes_are_one_line(capsys, tmp_path):
-    line = user_error(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--hidden", "0"])
+def test_invalid_model_sizes_are_one_line(capsys, data_dir, tmp_path):
+    line = user_error(capsys, ["train", str(data_dir), "--out", str(tmp_path / "run"), "--weights", "none",
+                               "--hidden", "0"])
     assert "invalid model sizes" in line
 
 

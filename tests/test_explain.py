@@ -77,7 +77,7 @@ def test_maps_are_grad_cam_of_the_last_convolutional_block(cap) -> None:
     pixels = cap.preprocess(Image.open(photo).convert("RGB"))[None]
     words = cap.caption(photo, strategy="beam", beam_size=3, num_return=2)[0]["tokens"]
     tokens = [cap.vocab.index[w] for w in words]
-    cams, _ = cap.gradcam(pixels, cap.decoder, tokens, cap.vocab.start_id)
+    cams, _ = cap.gradcam(pixels, cap.decoder, tokens, cap.vocab.specials.start)
     assert cap.gradcam.layer == "features.18"
     acts = cap.encoder.backbone.features(pixels).detach().requires_grad_()  # (1, 1280, 7, 7)
     logits, targets = cap.decoder(acts.mean((2, 3)), torch.tensor([cap.vocab.encode(words)]))

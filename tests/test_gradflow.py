@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from captioner.cli import main
 from captioner.encoder import EncoderConfig
-from captioner.gradflow import (SYNTHETIC_VOCAB, GradflowConfig, add_parser, build_decoder, cmd_gradflow,
-                                hidden_grad_norms, load_data, run_gradflow, sigma_max)
+from captioner.gradflow import (SYNTHETIC_VOCAB, GradflowConfig, build_decoder, hidden_grad_norms, load_data,
+                                run_gradflow, sigma_max)
 from captioner.manifest import Record, save_manifest, write_json_atomic
 from captioner.vocab import Vocab
 
@@ -49,11 +49,8 @@ def _tiny_data_dir(root: Path) -> Path:
 
 
 def _run_cli(data_dir: Path, out: Path, *extra: str) -> dict:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["gradflow", str(data_dir), "--cells", "rnn,lstm", "--steps", "2",
-                              "-o", str(out / "g.png"), "--json", str(out / "g.json"), *extra])
-    assert cmd_gradflow(args) == 0
+    assert main(["gradflow", str(data_dir), "--cells", "rnn,lstm", "--steps", "2",
+                 "-o", str(out / "g.png"), "--json", str(out / "g.json"), *extra]) == 0
     assert (out / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads((out / "g.json").read_text())
 
@@ -79,10 +76,7 @@ def test_json_is_written_beside_the_plot_by_default(tmp_path: Path, monkeypatch)
     elsewhere.mkdir()
     docs.mkdir()
     monkeypatch.chdir(elsewhere)
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["gradflow", str(data_dir), "--cells", "lstm", "--steps", "1", "-o", str(docs / "flow.png")])
-    assert cmd_gradflow(args) == 0
+    assert main(["gradflow", str(data_dir), "--cells", "lstm", "--steps", "1", "-o", str(docs / "flow.png")]) == 0
     assert set(json.loads((docs / "flow.json").read_text())["cells"]) == {"lstm"}
     assert list(elsewhere.iterdir()) == []  # nothing in the working directory
 

@@ -86,7 +86,7 @@ def test_new_rows_start_as_unk_and_every_old_row_is_the_checkpoints(trained_run,
     loaded = load_checkpoint(trained_run / "best")
     vocab = loaded.vocab.extended(Vocab.load(domain_dir / "vocab.json"))
     _, decoder = init_decoder(loaded, vocab)
-    old, unk, n = loaded.decoder_state, loaded.vocab.unk_id, len(loaded.vocab)
+    old, unk, n = loaded.decoder_state, loaded.vocab.specials.unk, len(loaded.vocab)
     state = decoder.state_dict()
     for name in ("embed.weight", "out.weight", "out.bias"):
         assert torch.equal(state[name][:n], old[name]), name
@@ -94,7 +94,7 @@ def test_new_rows_start_as_unk_and_every_old_row_is_the_checkpoints(trained_run,
         assert torch.equal(state[name][n:], old[name][unk].expand_as(state[name][n:])), name
     assert all(torch.equal(state[k], v) for k, v in old.items() if k not in ("embed.weight", "out.weight", "out.bias"))
     # the new words share <unk>'s probability: together exactly its logit, so old words keep their odds
-    logits = decoder.step(torch.tensor([vocab.start_id]), decoder.init_state(torch.randn(1, decoder.config.feature_dim)))[0][0]
+    logits = decoder.step(torch.tensor([vocab.specials.start]), decoder.init_state(torch.randn(1, decoder.config.feature_dim)))[0][0]
     assert torch.allclose(torch.logsumexp(logits[n:], 0), logits[unk], atol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_a_feature_cache_of_another_encoder_is_refused(trained_run, domain_dir, 
     meta["encoder"]["preprocess"]["resize"] += 8  # same folder name, other pixels
     index.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="another encoder or preprocessing"):
-        Trainer(data, tmp_path / "run", None, None, TrainConfig(init_from=str(trained_run / "best"), workers=0))
+        Trainer(data, tmp_path / "run", TrainConfig(init_from=str(trained_run / "best"), workers=0))
 
 
 def test_resume_of_an_init_from_run_continues_exactly(trained_run, domain_dir, tmp_path):

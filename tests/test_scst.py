@@ -15,6 +15,7 @@ from captioner.decoding import DecodeConfig, Hypothesis, decode
 from captioner.errors import ConfigError
 from captioner.model import CaptionDecoder
 from captioner.scst import ScstConfig, advantages, sampled_tokens, sequence_logprob
+from captioner.vocab import SpecialIds
 
 from conftest import draw
 
@@ -26,7 +27,7 @@ def test_sequence_logprob_is_what_decode_sampled_with():
     config = DecodeConfig(strategy="sample", num_return=10, max_len=6, seed=5, suppress_unk=False)
     hyps = [h for per in decode(decoder, features, config) for h in per]
     assert any(len(h.tokens) == 6 for h in hyps) and any(len(h.tokens) < 6 for h in hyps)  # cut and ended samples
-    tokens = sampled_tokens(hyps, 6, start_id=1, end_id=2, pad_id=0)
+    tokens = sampled_tokens(hyps, 6, SpecialIds())
     with torch.no_grad():
         logp = sequence_logprob(decoder, features.repeat_interleave(10, 0), tokens, pad_id=0, banned=[])
     # decode keeps <pad>/<start> out without renormalising: the untrained model gives them ~1/40 each, so the
@@ -52,7 +53,7 @@ def test_banned_ids_are_renormalised_away():
     torch.manual_seed(1)
     decoder = CaptionDecoder(ModelConfig(vocab_size=30, hidden=16, embed=8, max_len=5)).eval()
     features = torch.randn(2, decoder.config.encoder.feature_dim)
-    tokens = sampled_tokens([Hypothesis([5, 6], 0.0, 0.0), Hypothesis([7], 0.0, 0.0)], 5, 1, 2, 0)
+    tokens = sampled_tokens([Hypothesis([5, 6], 0.0, 0.0), Hypothesis([7], 0.0, 0.0)], 5, SpecialIds())
     with torch.no_grad():
         free = sequence_logprob(decoder, features, tokens, 0, [])
         banned = sequence_logprob(decoder, features, tokens, 0, [0, 1, 3])
@@ -60,7 +61,7 @@ def test_banned_ids_are_renormalised_away():
 
 
 def test_a_sample_cut_at_max_len_has_no_end_token():
-    rows = sampled_tokens([Hypothesis([5, 6, 7], 0.0, 0.0), Hypothesis([5], 0.0, 0.0)], 3, start_id=1, end_id=2, pad_id=0)
+    rows = sampled_tokens([Hypothesis([5, 6, 7], 0.0, 0.0), Hypothesis([5], 0.0, 0.0)], 3, SpecialIds())
     assert rows.tolist() == [[1, 5, 6, 7, 0], [1, 5, 2, 0, 0]]
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint, load_trainer_state
-from captioner.cli import _encoder_config, _model_config, _train_config, build_parser, main
-from captioner.config import default_encoder
+from captioner.cli import _encoder_config, _model_options, _train_config, build_parser, main
+from captioner.config import ModelConfig, default_encoder
 from captioner.errors import ConfigError, TrainingError
 from captioner.train import TrainConfig, Trainer
 
@@ -73,7 +73,7 @@ def test_resume_refuses_flags_that_would_change_the_run(trained_run, data_dir, t
     err = capsys.readouterr().err
     assert "--hidden, --lr cannot change" in err and "only --epochs, --max-steps" in err
     with pytest.raises(TrainingError, match="lr"):  # the Python API: a fresh config is not the run's own
-        Trainer(data_dir, run, None, None, TrainConfig(), resume=True)
+        Trainer(data_dir, run, TrainConfig(), resume=True)
 
 
 @pytest.mark.parametrize("clip", [0.05, 0.0])
@@ -108,7 +108,7 @@ def shipped_train_command() -> list[str]:
 
 def configs(argv: list[str]) -> tuple:
     args = build_parser().parse_args(argv)
-    return _train_config(args), _model_config(args), _encoder_config(args)
+    return _train_config(args), ModelConfig(vocab_size=100, **_model_options(args)), _encoder_config(args)
 
 
 def test_defaults_are_the_shipped_recipe():
