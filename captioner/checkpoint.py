@@ -8,6 +8,7 @@ any moment leaves the previous checkpoint loadable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from torch import nn
 from .confidence import CALIBRATION, Calibration, read_calibration
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
-from .errors import CheckpointError, VocabError
+from .errors import CheckpointError, TrainingError, VocabError
 from .vocab import Vocab
 
 MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
@@ -160,6 +161,82 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer/RNG tensors and the JSON state saved for ``--resume``."""
     return read_tensors(directory / STATE_TENSORS), _read_json(directory / STATE_JSON)
+
+
+def check_output_space(out: Path, modules: list[nn.Module], trainable: list[nn.Module]) -> None:
+    """Fail now, not after an epoch, when ``out`` is not writable or cannot hold this run's checkpoints.
+
+    ``last/`` holds every weight plus two AdamW moments per trainable weight (float32); while it is
+    replaced, old and new versions coexist, and ``best/`` holds the weights again: about three times
+    ``last/``. The space is reserved for real with ``posix_fallocate`` (then released), so a full disk
+    or a quota is caught whatever the file system reports as free.
+    """
+    weights = sum(p.numel() for m in modules for p in m.state_dict().values()) * 4
+    moments = sum(p.numel() for m in trainable for p in m.parameters()) * 8
+    need = 3 * (weights + moments) + (1 << 20)
+    probe = out / ".space_probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fh.fileno(), 0, need)
+            else:  # pragma: no cover - non-POSIX
+                fh.truncate(need)
+    except OSError as err:
+        problem = (f"not enough free space for this run's checkpoints (about {need / 1e6:.0f} MB needed)"
+                   if err.errno in (errno.ENOSPC, errno.EDQUOT) else "output directory is not writable")
+        raise TrainingError(f"{out}: {problem} ({err.strerror}); nothing was trained") from None
+    finally:
+        if probe.is_file():
+            probe.unlink()
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    state = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state |= {f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (for safetensors) + JSON for the scalars."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in sd["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def trainer_state(optimizer: torch.optim.Optimizer, train_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """What ``--resume`` needs besides the weights, as ``save_checkpoint``'s ``trainer_tensors`` and
+    ``trainer_json``: the optimizer's moments and the RNG states (tensors), its scalars and ``train_state``."""
+    optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+    return {**optim_tensors, **_rng_tensors()}, {"optimizer": optim_meta, "train_state": train_state}
+
+
+def restore_trainer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put back the optimizer state and the RNG states of ``trainer_state``, as ``load_trainer_state`` read them."""
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available() and "rng.cuda0" in tensors:
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
+                                      if f"rng.cuda{i}" in tensors])
 
 
 def _complete_encoder(config: ModelConfig, encoder: Encoder) -> tuple[ModelConfig, Encoder]:

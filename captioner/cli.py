@@ -177,16 +177,16 @@ def _model_options(args) -> dict:
 
 
 def _train_config(args):
-    """A new run's settings: given flags over ``TrainConfig``'s defaults. (--resume: ``train.resume_config``.)"""
+    """A new run's settings: given flags over ``TrainConfig``'s defaults. (--resume: ``Trainer.resume``.)"""
     from captioner.train import TrainConfig
     return TrainConfig(**_given(args, _train_fields()))
 
 
 def cmd_train(args) -> int:
-    from captioner.train import Trainer, resume_config
+    from captioner.train import Trainer
     if args.resume:
         given = {**_given(args, [*_train_fields(), *ENCODER_FLAGS]), **_model_options(args)}
-        trainer = Trainer(args.data_dir, args.out, resume_config(args.out, given), resume=True)
+        trainer = Trainer.resume(args.data_dir, args.out, given)
     elif args.init_from:
         from captioner.api import resolve_model
         from captioner.checkpoint import load_checkpoint

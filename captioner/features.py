@@ -1,4 +1,6 @@
-"""Feature cache: every manifest image encoded once, stored as a float16 memory-mapped array.
+"""Image files -> pixels -> features: the image datasets and the feature cache.
+
+The cache: every manifest image encoded once, stored as a float16 memory-mapped array.
 
 Layout: ``DATA_DIR/features/<encoder>-<weights>-<size>/`` with ``features.npy`` (N, D) float16,
 ``index.json`` (image ids in row order + encoder config), ``progress.json`` (rows done) and
@@ -29,6 +31,7 @@ from captioner.fetch import FetchConfig
 from captioner.images import load_image
 from captioner.runtime import loader_workers, resolve_device
 
+from .captions import CaptionTensors
 from .manifest import Record, load_manifest, write_json_atomic
 
 INDEX, PROGRESS, ARRAY, FAILURES = "index.json", "progress.json", "features.npy", "report.json"
@@ -67,6 +70,36 @@ class ImageFiles(Dataset):
             return [self[i] for i in indices]
         with ThreadPoolExecutor(threads) as pool:
             return list(pool.map(self.__getitem__, indices))
+
+
+class PairIndex(Dataset):
+    """Caption-pair indices for training on cached features: a batch is gathered from in-memory tensors by
+    the loader's ``collate_fn``, so a step never touches the disk."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class ImagePairs(Dataset):
+    """(pixels, caption row) pairs for end-to-end encoder fine-tuning (``train --finetune-encoder``)."""
+
+    def __init__(self, images: ImageFiles, caps: CaptionTensors) -> None:
+        self.images, self.caps = images, caps
+
+    def __len__(self) -> int:
+        return len(self.caps.tokens)
+
+    def __getitem__(self, i: int):
+        _, pixels, error = self.images[int(self.caps.pair_image[i])]
+        if error:
+            raise DatasetError(error)
+        return pixels, i
 
 
 def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]):

@@ -11,7 +11,6 @@ alone validates and writes.
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import math
 import os
@@ -25,20 +24,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .api import Captioner, resolve_model
-from .captions import CaptionTensors, encode_captions
-from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from .captions import encode_captions
+from .checkpoint import (check_output_space, load_checkpoint, load_trainer_state, restore_trainer_state,
+                         save_checkpoint, trainer_state)
 from .config import ModelConfig, default_encoder
 from .encoder import EncoderConfig, build_encoder
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_split, caption_split_from_cache, score
-from .features import FeatureCache, ImageFiles, build_features, cache_dir, collate_images
+from .features import FeatureCache, ImageFiles, ImagePairs, PairIndex, build_features, cache_dir, collate_images
 from .finetune import init_decoder, start_vocab
 from .manifest import REPORT, VOCAB, load_manifest, split_records
 from .model import CaptionDecoder, caption_loss
+from .runlog import RunLog
 from .runtime import autocast, resolve_device, resolve_precision
 from .vocab import Vocab
 
@@ -119,35 +119,6 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-class PairIndex(Dataset):
-    """Caption-pair indices; batches are gathered from in-memory tensors by ``collate``."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-class ImagePairs(Dataset):
-    """(pixels, caption row) pairs for end-to-end encoder fine-tuning."""
-
-    def __init__(self, images: ImageFiles, caps: CaptionTensors) -> None:
-        self.images, self.caps = images, caps
-
-    def __len__(self) -> int:
-        return len(self.caps.tokens)
-
-    def __getitem__(self, i: int):
-        _, pixels, error = self.images[int(self.caps.pair_image[i])]
-        if error:
-            raise DatasetError(error)
-        return pixels, i
-
-
 def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     """Drop all-<pad> columns so a batch is only as long as its longest caption."""
     return tokens[:, : int((tokens != 0).sum(1).max())]
@@ -219,79 +190,61 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, features: tor
     return StepStats(loss.detach(), grad_norm, n_tokens)
 
 
-def _check_output(out: Path, modules: list[nn.Module], trainable: list[nn.Module]) -> None:
-    """Fail now, not after an epoch, when ``out`` is not writable or cannot hold this run's checkpoints.
-
-    ``last/`` holds every weight plus two AdamW moments per trainable weight (float32); while it is
-    replaced, old and new versions coexist, and ``best/`` holds the weights again: about three times
-    ``last/``. The space is reserved for real with ``posix_fallocate`` (then released), so a full disk
-    or a quota is caught whatever the file system reports as free.
-    """
-    weights = sum(p.numel() for m in modules for p in m.state_dict().values()) * 4
-    moments = sum(p.numel() for m in trainable for p in m.parameters()) * 8
-    need = 3 * (weights + moments) + (1 << 20)
-    probe = out / ".space_probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as fh:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fh.fileno(), 0, need)
-            else:  # pragma: no cover - non-POSIX
-                fh.truncate(need)
-    except OSError as err:
-        problem = (f"not enough free space for this run's checkpoints (about {need / 1e6:.0f} MB needed)"
-                   if err.errno in (errno.ENOSPC, errno.EDQUOT) else "output directory is not writable")
-        raise TrainingError(f"{out}: {problem} ({err.strerror}); nothing was trained") from None
-    finally:
-        if probe.is_file():
-            probe.unlink()
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    state = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state |= {f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    return state
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as flat tensors (for safetensors) + JSON for the scalars."""
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, slots in sd["state"].items():
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{name}"] = value
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 class Trainer:
     """One training run: data, model, optimizer, validation and checkpoints.
 
-    A new run builds its model from ``ModelConfig``'s defaults, the prepare report's ``max_len`` and the
-    data's vocabulary size, under ``model_options`` (the ``ModelConfig`` fields given, e.g. ``hidden``), and
-    its encoder from ``encoder_config`` (default: ``config.default_encoder()``). With ``resume``, ``config``
-    must be the run's own, ``resume_config(out, overrides)``, and the model and encoder come from
-    ``out/last``. With ``config.init_from`` they come from that checkpoint, its vocabulary extended. Those
-    two take neither ``model_options`` nor ``encoder_config``.
+    ``Trainer(...)`` starts a run: its model from ``ModelConfig``'s defaults, the prepare report's ``max_len``
+    and the data's vocabulary size, under ``model_options`` (the ``ModelConfig`` fields given, e.g.
+    ``hidden``), its encoder from ``encoder_config`` (default: ``config.default_encoder()``); with
+    ``config.init_from``, both from that checkpoint, its vocabulary extended (then give neither).
+    ``Trainer.resume(...)`` continues the run saved in ``out``.
     """
 
     def __init__(self, data_dir: Path, out: Path, config: TrainConfig, *, model_options: dict | None = None,
-                 encoder_config: EncoderConfig | None = None, resume: bool = False) -> None:
+                 encoder_config: EncoderConfig | None = None) -> None:
+        self._open(data_dir, out, config)
+        if config.init_from:
+            if model_options or encoder_config is not None:
+                raise ConfigError("init_from: the model and encoder come from the checkpoint; "
+                                  "pass no model_options and no encoder_config")
+            loaded = load_checkpoint(resolve_model(config.init_from))
+            self.model_config, self.decoder = init_decoder(loaded, self.vocab)  # rows added for the new words
+            self.encoder = loaded.encoder
+        else:
+            self.encoder, enc_cfg = build_encoder(encoder_config or default_encoder())
+            report_path = self.data_dir / REPORT
+            report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+            report_len = {"max_len": report["max_len"]} if "max_len" in report else {}  # else ModelConfig's
+            self.model_config = ModelConfig(vocab_size=len(self.vocab), encoder=enc_cfg,
+                                            **{**report_len, **(model_options or {})})
+            self.decoder = CaptionDecoder(self.model_config)
+        self._build()
+
+    @classmethod
+    def resume(cls, data_dir: Path, out: Path, overrides: dict | None = None) -> Trainer:
+        """Continue the run saved in ``out`` exactly where it stopped: its own settings (``resume_config``:
+        only the ``RESUMABLE`` ones in ``overrides`` may change), and model, encoder, optimizer, RNG states
+        and step from ``out/last``."""
+        self = cls.__new__(cls)
+        self._open(data_dir, out, resume_config(out, overrides or {}))
+        last = self.out / "last"
+        loaded = load_checkpoint(last)
+        if loaded.vocab.words != self.vocab.words:
+            raise TrainingError(f"{last}/vocab.json differs from {self.data_dir}/vocab.json: "
+                                "this run was trained on another data directory")
+        tensors, meta = load_trainer_state(last)
+        self.state = TrainState(**meta["train_state"])
+        self.log.drop_after(self.state.step)
+        self.model_config = loaded.config
+        self.decoder = CaptionDecoder(self.model_config)
+        self.decoder.load_state_dict(loaded.decoder_state)
+        self.encoder = loaded.encoder
+        self._build()
+        restore_trainer_state(self.optimizer, tensors, meta)
+        return self
+
+    def _open(self, data_dir: Path, out: Path, config: TrainConfig) -> None:
+        """What every run needs before its model: device, precision, the data's splits and vocabulary."""
         self.data_dir, self.out, self.config = Path(data_dir), Path(out), config
         self.rank, self.world = _distributed()
         self.device = resolve_device(config.device)
@@ -300,7 +253,6 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(config.precision, self.device)
         records = load_manifest(self.data_dir)
-        report = json.loads((self.data_dir / REPORT).read_text()) if (self.data_dir / REPORT).is_file() else {}
         splits = Counter(r.split for r in records)
         if not (splits["train"] and splits["val"]):
             raise DatasetError(f"{self.data_dir}: training needs a 'train' and a 'val' split, this data has images in "
@@ -312,66 +264,16 @@ class Trainer:
         if config.init_from:
             self.vocab = start_vocab(resolve_model(config.init_from), self.vocab)
         self.state = TrainState()
+        self.log = RunLog(self.out, enabled=self.rank == 0, world=self.world)
         torch.manual_seed(config.seed)
-        if (resume or config.init_from) and (model_options or encoder_config is not None):
-            raise ConfigError("resume and init_from: the model and encoder come from the checkpoint; "
-                              "pass no model_options and no encoder_config")
-        if resume:
-            self._load_resume()
-        elif config.init_from:
-            self._load_init()
-        else:
-            self.encoder, enc_cfg = build_encoder(encoder_config or default_encoder())
-            report_len = {"max_len": report["max_len"]} if "max_len" in report else {}  # else ModelConfig's
-            self.model_config = ModelConfig(vocab_size=len(self.vocab), encoder=enc_cfg,
-                                            **{**report_len, **(model_options or {})})
-            self.decoder = CaptionDecoder(self.model_config)
+
+    def _build(self) -> None:
+        """With the model chosen: check the output space, load the data, build the optimizer."""
         if self.rank == 0:
-            _check_output(self.out, [self.decoder, self.encoder],
-                          [self.decoder] + ([self.encoder] if self.config.finetune_encoder else []))
+            check_output_space(self.out, [self.decoder, self.encoder],
+                               [self.decoder] + ([self.encoder] if self.config.finetune_encoder else []))
         self._prepare_data()
         self._build_optimizer()
-        if resume:
-            tensors, meta = load_trainer_state(self.out / "last")
-            _restore_optimizer(self.optimizer, tensors, meta["optimizer"])
-            torch.set_rng_state(tensors["rng.cpu"])
-            if torch.cuda.is_available() and "rng.cuda0" in tensors:
-                torch.cuda.set_rng_state_all([tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
-                                              if f"rng.cuda{i}" in tensors])
-
-    def _load_resume(self) -> None:
-        last = self.out / "last"
-        loaded = load_checkpoint(last)
-        if loaded.vocab.words != self.vocab.words:
-            raise TrainingError(f"{last}/vocab.json differs from {self.data_dir}/vocab.json: "
-                                "this run was trained on another data directory")
-        _, meta = load_trainer_state(last)
-        saved = resume_config(self.out, {name: getattr(self.config, name) for name in RESUMABLE})
-        changed = [name for name, value in asdict(saved).items() if getattr(self.config, name) != value]
-        if changed:
-            raise TrainingError(f"{self.out}: resuming with other settings than the run's ({', '.join(changed)}); "
-                                "build them with resume_config()")
-        self.state = TrainState(**meta["train_state"])
-        self._drop_logs_after(self.state.step)
-        self.model_config = loaded.config
-        self.decoder = CaptionDecoder(self.model_config)
-        self.decoder.load_state_dict(loaded.decoder_state)
-        self.encoder = loaded.encoder
-
-    def _load_init(self) -> None:
-        """``init_from``: the checkpoint's model and encoder, rows added for the data's new words."""
-        loaded = load_checkpoint(resolve_model(self.config.init_from))
-        self.model_config, self.decoder = init_decoder(loaded, self.vocab)
-        self.encoder = loaded.encoder
-
-    def _drop_logs_after(self, step: int) -> None:
-        """Resume: forget log lines of steps that were lost with the killed process (they rerun)."""
-        for name in ("steps.jsonl", "metrics.jsonl"):
-            path = self.out / name
-            if path.exists():
-                lines = [line for line in path.read_text().splitlines() if line.endswith("}")
-                         and json.loads(line)["step"] <= step]
-                path.write_text("".join(line + "\n" for line in lines))
 
     def _prepare_data(self) -> None:
         cfg, enc = self.config, self.model_config.encoder
@@ -445,8 +347,7 @@ class Trainer:
         cfg = self.config
         if self.rank == 0:
             (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self.log.open()
         total = cfg.epochs * self.steps_per_epoch()
         stop = False
         while self.state.epoch < cfg.epochs and not stop:
@@ -457,8 +358,7 @@ class Trainer:
             self.state.epoch += 1
             self.state.step_in_epoch = 0
             stop = self._end_epoch(metrics)
-        if self.rank == 0:
-            self.tb.close()
+        self.log.close()
         if self.world > 1:
             dist.barrier()
         return {"best_bleu4": self.state.best_bleu4, "epochs": self.state.epoch, "steps": self.state.step}
@@ -468,43 +368,27 @@ class Trainer:
         cfg = self.config
         self.decoder.train()
         self.encoder.train(cfg.finetune_encoder)
-        loader = self._loader(self.state.epoch)
-        bar = tqdm(loader, desc=f"epoch {self.state.epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=self.rank != 0, mininterval=2)
-        tokens_seen, t0 = 0, time.perf_counter()
-        for feats, tokens in bar:
+        for feats, tokens in self.log.epoch_bar(self._loader(self.state.epoch), self.state.epoch, cfg.epochs):
             feats, tokens = feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
-            factor = lr_factor(self.state.step, total, cfg, self.state.lr_scale)
-            try:
+            lrs = [base * lr_factor(self.state.step, total, cfg, self.state.lr_scale) for base in self.base_lrs]
+            try:  # forward, loss, backward, clip, step
                 loss, grad_norm, n_tokens = train_step(
-                    self.model, self.optimizer, feats, tokens, cfg.clip, [base * factor for base in self.base_lrs],
-                    self.scaler, self.precision, self.encoder if cfg.finetune_encoder else None, cfg.label_smoothing)
+                    self.model, self.optimizer, feats, tokens, cfg.clip, lrs, scaler=self.scaler,
+                    precision=self.precision, encoder=self.encoder if cfg.finetune_encoder else None,
+                    label_smoothing=cfg.label_smoothing)
             except TrainingError as err:
                 raise TrainingError(f"{err} at epoch {self.state.epoch + 1} step {self.state.step}: stopped; the last "
                                     f"good checkpoint is kept in {self.out / 'last'}. Try a lower --lr or --clip.") from None
             self.state.step += 1
             self.state.step_in_epoch += 1
-            tokens_seen += n_tokens
-            if self.rank == 0:
-                rate = tokens_seen * self.world / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}", refresh=False)
-                if self.state.step % cfg.log_every == 0 or cfg.log_every == 1:
-                    self._log_step(loss.item(), grad_norm.item(), factor)
+            self.log.step(self.state.step, self.state.epoch, loss, grad_norm, lrs[0], n_tokens,
+                          write=self.state.step % cfg.log_every == 0 or cfg.log_every == 1)
             if cfg.save_every and self.state.step % cfg.save_every == 0:
                 self._save("last")
             if cfg.max_steps and self.state.step >= cfg.max_steps:
                 self._save("last")
                 return True
         return False
-
-    def _log_step(self, loss: float, grad_norm: float, factor: float) -> None:
-        record = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "grad_norm_preclip": grad_norm,
-                  "lr": self.base_lrs[0] * factor}
-        with open(self.out / "steps.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.tb.add_scalar("train/loss", loss, self.state.step)
-        self.tb.add_scalar("train/grad_norm_preclip", grad_norm, self.state.step)
-        self.tb.add_scalar("train/lr", record["lr"], self.state.step)
 
     @torch.no_grad()
     def _validate(self) -> dict:
@@ -563,28 +447,19 @@ class Trainer:
             record = {"epoch": self.state.epoch, "step": self.state.step, **metrics, "best_bleu4": self.state.best_bleu4,
                       "time": time.time()}
             self.state.history.append(record)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            for key, value in metrics.items():
-                self.tb.add_scalar(f"val/{key}", value, self.state.epoch)
-            print(f"epoch {self.state.epoch}: val loss {metrics['val_loss']:.4f}  BLEU-1..4 " +
-                  " / ".join(f"{metrics[f'Bleu_{n}']:.4f}" for n in range(1, 5)) + ("  (best)" if improved else ""))
+            self.log.epoch(record, metrics, self.state.epoch, improved)
             if improved:
-                self._save("best", trainer_state=False)
+                self._save("best", with_state=False)
             self._save("last")
             stop[0] = float(self.config.patience > 0 and self.state.bad_epochs >= self.config.patience)
         if self.world > 1:
             dist.broadcast(stop, 0)
         return bool(stop.item())
 
-    def _save(self, name: str, trainer_state: bool = True) -> None:
+    def _save(self, name: str, with_state: bool = True) -> None:
         if self.rank != 0:
             return
-        tensors = meta = None
-        if trainer_state:
-            optim_tensors, optim_meta = _optimizer_tensors(self.optimizer)
-            tensors = {**optim_tensors, **_rng_tensors()}
-            meta = {"optimizer": optim_meta, "train_state": asdict(self.state)}
+        tensors, meta = trainer_state(self.optimizer, asdict(self.state)) if with_state else (None, None)
         try:
             save_checkpoint(self.out / name, self.model_config, self.vocab, self.decoder,
                             getattr(self.encoder, "module", self.encoder), tensors, meta)

@@ -20,7 +20,7 @@ import torch
 from captioner.checkpoint import load_checkpoint, load_trainer_state
 from captioner.cli import _encoder_config, _model_options, _train_config, build_parser, main
 from captioner.config import ModelConfig, default_encoder
-from captioner.errors import ConfigError, TrainingError
+from captioner.errors import ConfigError
 from captioner.train import TrainConfig, Trainer
 
 from conftest import TEST_ENCODER
@@ -72,8 +72,8 @@ def test_resume_refuses_flags_that_would_change_the_run(trained_run, data_dir, t
     assert main(["train", str(data_dir), "--out", str(run), "--resume", "--lr", "0.1", "--hidden", "8"]) == 2
     err = capsys.readouterr().err
     assert "--hidden, --lr cannot change" in err and "only --epochs, --max-steps" in err
-    with pytest.raises(TrainingError, match="lr"):  # the Python API: a fresh config is not the run's own
-        Trainer(data_dir, run, TrainConfig(), resume=True)
+    with pytest.raises(ConfigError, match="--lr cannot change"):  # the Python API refuses it the same way
+        Trainer.resume(data_dir, run, {"lr": 0.1})
 
 
 @pytest.mark.parametrize("clip", [0.05, 0.0])
