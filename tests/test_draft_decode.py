@@ -69,10 +69,14 @@ def test_small_images_and_other_inputs_are_unaffected(good_small):
 
 
 def test_drafted_decode_is_much_faster(photo):
-    load_image(photo, min_side=256)  # warm-up
+    load_image(photo)  # warm-up of both paths: the full decode's 36 MB buffers cost page faults only the first time
+    load_image(photo, min_side=256)
     full = best_of(5, lambda: load_image(photo))  # best of 5: one busy moment of a shared CPU must not decide it
     drafted = best_of(5, lambda: load_image(photo, min_side=256))
-    assert drafted * 3 < full, (drafted, full)  # measured ~10x on 2 cores
+    # Measured 6.6x alone (15 ms vs 98 ms), but only 2.2x (16 vs 35 ms) after the tests before it in the suite
+    # have grown the allocator's heap, so copying a full-size image no longer faults in fresh pages; without
+    # drafting both sides are the same decode (ratio ~1).
+    assert drafted * 1.5 < full, (drafted, full)
 
 
 def test_preprocessed_pixels_match_the_full_decode(photo):

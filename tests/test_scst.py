@@ -70,7 +70,9 @@ def test_baselines():
     assert advantages(rewards, "mean").tolist() == [[-1.5, 0.0, 1.5], [-1.5, -1.5, 3.0]]
     assert advantages(rewards, "greedy", torch.tensor([2.0, 1.0])).tolist() == [[-1.0, 0.0, 1.0], [-1.0, -1.0, 2.0]]
     with pytest.raises(ConfigError):
-        ScstConfig(samples=1)
+        ScstConfig(init_from="fast", samples=1)
+    with pytest.raises(ConfigError, match="--init-from is required"):
+        ScstConfig()
 
 
 def test_scst_raises_the_reward_and_keeps_a_loadable_best(trained_run, data_dir, tmp_path):

@@ -29,6 +29,13 @@ LOCAL = FetchConfig(timeout=1.0, max_bytes=LIMIT, max_redirects=3, allow_private
 PUBLIC_IP = "93.184.215.14"  # a global address the tests pretend some host names resolve to
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that gives up mid-body (the size cap, the timeout) is expected here, not a server error."""
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
 def jpeg_bytes() -> bytes:
     """A JPEG whose EXIF orientation must be applied (rotate 90), as a phone writes it."""
     img, exif = draw("red", "circle", "white", size=96, seed=1).resize((96, 64)), Image.Exif()
@@ -90,7 +97,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     """``http://127.0.0.1:PORT`` of a threaded test server, for the whole module."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads, httpd.block_on_close = True, False  # a sleeping handler must not hold up teardown
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -124,7 +131,7 @@ def tls_server(tmp_path_factory):
                                                        serialization.NoEncryption()))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
