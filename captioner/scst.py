@@ -5,8 +5,8 @@ own words, and it is scored with CIDEr-D, not likelihood. SCST closes both gaps 
 captions from the model, score each with CIDEr-D against the image's references, and raise the
 log-probability of the samples that beat a baseline, lower the others. The baseline is either the greedy
 caption's reward (Rennie et al.) or the mean reward of the image's *other* samples (Luo, 2020, "A better
-variant of SCST"), which needs no extra decoding pass; the bundled model used it (the greedy baseline is
-implemented and tested but was not compared on this data: MODEL_CARD.md).
+variant of SCST"), which needs no extra decoding pass and gained more val CIDEr-D here (45.2 against 44.2
+for the greedy baseline, 3 epochs each from the same weights: MODEL_CARD.md).
 
 Why it is cheap on a CPU: it starts from a trained checkpoint and, like ``captioner train``, reads the
 frozen encoder's features from the cache, so a step is the decoder's sampling plus one teacher-forced pass
