@@ -109,8 +109,8 @@ class GradCam:
                 picked.append(torch.log_softmax(logits.float(), -1)[t, ids[t + 1]])
             logprobs = torch.stack(picked)  # (n,)
             (grad_features,) = torch.autograd.grad(logprobs.sum(), rows)  # (n, D)
-            grads = torch.stack([torch.autograd.grad(features, acts, g[None], retain_graph=True)[0][0]
-                                 for g in grad_features])  # (n, C, h, w): through the pooling only
+            (grads,) = torch.autograd.grad(features, acts, grad_features[:, None], is_grads_batched=True)
+            grads = grads[:, 0]  # (n, C, h, w): every word's feature gradient through the pooling, one batched pass
         weights = grads.mean((2, 3))  # (n, C)
         cams = torch.relu(torch.einsum("nc,chw->nhw", weights, acts[0].detach()))  # (n, h, w)
         return cams, logprobs.detach()
