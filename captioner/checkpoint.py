@@ -255,8 +255,9 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
     """Copy checkpoints (e.g. runs' ``best/``) into one plain, self-contained directory for shipping:
     encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer
     state. Several sources of one architecture, vocabulary and encoder become an ensemble. An encoder whose
-    weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied:
-    the checkpoint holds the decoder, and loading rebuilds the encoder from the package, hash-checked.
+    weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied
+    unless training tuned it: the checkpoint holds the decoder, and loading rebuilds the encoder from the
+    package, hash-checked.
     One source's ``calibration.json`` comes along (storage precision moves log-probabilities by far less
     than the calibration's resolution); an ensemble's captions differ from each member's, so it gets none
     and needs ``captioner calibrate``."""
@@ -274,7 +275,7 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
         config = ModelConfig.from_json({**config.to_json(), "members": len(loaded)})
         tensors = {f"decoder.members.{i}.{k}": v for i, m in enumerate(loaded) for k, v in m.decoder_state.items()}
     config, encoder = _complete_encoder(config, first.encoder)
-    if (config.encoder.name, config.encoder.weights) not in PACKAGED_WEIGHTS:
+    if (config.encoder.name, config.encoder.weights) not in PACKAGED_WEIGHTS or "tuned" in config.encoder.provenance:
         tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     target = Path(target)
     work = target.with_name(target.name + ".partial")

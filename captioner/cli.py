@@ -82,6 +82,8 @@ def _add_features(sub) -> None:
     p = sub.add_parser("features", help="encode every image once into the feature cache")
     p.add_argument("data_dir", type=Path)
     _add_encoder_args(p)
+    p.add_argument("--checkpoint", help="use this checkpoint's (or bundled model's) CNN, not the encoder flags: "
+                                   "for `evaluate --from-cache` and `scst` on a model whose last blocks were tuned")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
     p.add_argument("--device", default="auto")
@@ -114,8 +116,17 @@ def _encoder_config(args):
 
 def cmd_features(args) -> int:
     from .features import build_features, read_failures
-    directory = build_features(args.data_dir, _encoder_config(args), batch_size=args.batch_size, device=args.device,
-                               workers=args.workers)
+    if args.checkpoint:
+        from .api import resolve_model
+        from .checkpoint import load_checkpoint
+        if _given(args, ENCODER_FLAGS):
+            raise ConfigError("--checkpoint brings its own encoder: leave out --encoder/--weights/--image-size")
+        loaded = load_checkpoint(resolve_model(args.checkpoint), calibrated=False)
+        config, encoder = loaded.config.encoder, loaded.encoder
+    else:
+        config, encoder = _encoder_config(args), None
+    directory = build_features(args.data_dir, config, batch_size=args.batch_size, device=args.device,
+                               workers=args.workers, encoder=encoder)
     return 1 if read_failures(directory) else 0
 
 
@@ -128,6 +139,8 @@ TRAIN_HELP = {"epochs": "length of the run; with --resume: changes the saved run
               "patience": "epochs without a better val BLEU-4 before stopping (0: never)",
               "val_bleu_images": "val images captioned for the metrics (0: all)",
               "finetune_encoder": "train the CNN too, from the images", "workers": "image-decoding processes",
+              "views": "random crops per training photo, cached once; one drawn per photo and epoch",
+              "tune_blocks": "train the CNN's last N blocks (at --encoder-lr) from their cached inputs",
               "init_from": "checkpoint directory or bundled model name (fast) to fine-tune: its model and encoder, "
                            "its vocabulary extended with the data's new words (leave out the model/encoder flags)"}
 
@@ -431,7 +444,9 @@ def cmd_export(args) -> int:
 SCST_HELP = {"init_from": "checkpoint directory or bundled model name to start from",
              "batch_size": "images per step", "samples": "sampled captions per image",
              "baseline": "mean of the image's other samples, or the greedy caption's reward",
-             "val_beam": "beam width of the validation decoding"}
+             "val_beam": "beam width of the validation decoding",
+             "views": "draw one of this many cached random crops per image and epoch (the view cache of "
+                      "`train --views`, at the checkpoint's --tune-blocks depth)"}
 
 
 def _add_scst(sub) -> None:

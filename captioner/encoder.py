@@ -89,7 +89,10 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, crop, crop) float tensor."""
         img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
-        img = TF.center_crop(img, [self.crop, self.crop])
+        return self.normalise(TF.center_crop(img, [self.crop, self.crop]))
+
+    def normalise(self, img: Image.Image) -> torch.Tensor:
+        """Cropped RGB PIL image -> (3, H, W) normalised float tensor (also for training views)."""
         # In numpy, not torch: the same float32 operations (bit-identical), but on the calling thread only.
         # Why: torch runs tensors of this size in parallel regions, and on a busy 2-core CPU each waits for
         # its second thread to be scheduled: 38 ms per 224x224 image with 2 threads, 1.5 ms with 1 (load 2.5).
@@ -108,7 +111,8 @@ class EncoderConfig:
     feature_dim: int = 0
     preprocess: Preprocess = field(default_factory=Preprocess)
     # Where the weights came from: file, SHA-256 (checked again whenever the encoder is rebuilt from this
-    # config), package and licence, BatchNorm re-estimation recipe. Filled in by ``build_encoder``.
+    # config), package and licence, BatchNorm re-estimation recipe. Filled in by ``build_encoder``; "tuned"
+    # (blocks, SHA-256 of the weights) when training changed them, so their features get a cache of their own.
     provenance: dict = field(default_factory=dict)
 
     def cache_key(self) -> str:
@@ -117,7 +121,8 @@ class EncoderConfig:
         if Path(weights).suffix in (".pth", ".pt", ".safetensors"):
             weights = Path(weights).stem
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in weights)
-        return f"{self.name}-{safe}-{self.image_size}"
+        tuned = self.provenance.get("tuned", {}).get("sha256", "")
+        return f"{self.name}-{safe}-{self.image_size}" + (f"-tuned-{tuned[:12]}" if tuned else "")
 
     def same_features(self, other: "EncoderConfig") -> bool:
         """Whether ``other`` computes the same features: same backbone, weights (by SHA-256 where both record
@@ -126,8 +131,9 @@ class EncoderConfig:
         def digests(config: EncoderConfig) -> tuple:
             return config.provenance.get("sha256"), config.provenance.get("bn_stats", {}).get("sha256")
         mine, theirs = digests(self), digests(other)
-        return ((self.name, self.weights, self.image_size, self.feature_dim, self.preprocess)
-                == (other.name, other.weights, other.image_size, other.feature_dim, other.preprocess)
+        tuned = [config.provenance.get("tuned", {}).get("sha256") for config in (self, other)]
+        return ((self.name, self.weights, self.image_size, self.feature_dim, self.preprocess, tuned[0])
+                == (other.name, other.weights, other.image_size, other.feature_dim, other.preprocess, tuned[1])
                 and all(a == b for a, b in zip(mine, theirs) if a and b))
 
     def to_json(self) -> dict:
@@ -179,6 +185,42 @@ class Encoder(nn.Module):
             return self(pixels)
         x = pixels.contiguous(memory_format=torch.channels_last)
         return torch.cat([self(chunk) for chunk in x.split(self.CPU_CHUNK)])
+
+
+def blocks_of(backbone: nn.Module, name: str) -> tuple[list[nn.Module], nn.Module]:
+    """The backbone as (its blocks in order, pooling): ``pool(block_n(...block_1(pixels)))`` is its feature.
+
+    Why: fine-tuning only the last blocks (``train --tune-blocks``) caches what enters them, as the feature
+    cache does for the pooled output. Known layouts: torchvision's ResNets (stem layers, then each
+    bottleneck) and the models whose trunk is a ``features`` sequence (MobileNet, EfficientNet)."""
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    if all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):
+        stem = [backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool]
+        return stem + [b for i in range(1, 5) for b in getattr(backbone, f"layer{i}")], pool
+    if isinstance(getattr(backbone, "features", None), nn.Sequential):
+        return list(backbone.features), pool
+    raise EncoderError(f"{name}: tuning the last blocks knows torchvision's ResNets and the models with a "
+                       "`features` sequence (mobilenet, efficientnet), not this one")
+
+
+def split_encoder(encoder: "Encoder", blocks: int, name: str) -> tuple[nn.Module, nn.Module]:
+    """(stem, tail) sharing ``encoder``'s parameters: ``tail(stem(pixels))`` equals ``encoder(pixels)``, and
+    ``tail`` holds the last ``blocks`` blocks and the pooling (``blocks`` 0: pooling only)."""
+    layers, pool = blocks_of(encoder.backbone, name)
+    if not 0 <= blocks < len(layers):
+        raise EncoderError(f"{name} has {len(layers)} blocks: tune between 0 and {len(layers) - 1} of them")
+    cut = len(layers) - blocks
+    return nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:], pool)
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 over a module's tensors (names, dtypes, shapes, bytes): tells tuned weights apart."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _split_head(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:

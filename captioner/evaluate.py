@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .api import Captioner
@@ -88,7 +89,12 @@ def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list
     if failed is not None:
         failed += [failure(r, cache.failed[r.id]["error"]) for r in records if r.id in cache.failed]
         records = [r for r in records if r.id not in cache.failed]
-    feats = cache.gather([r.id for r in records])  # (N, D)
+    return caption_features(captioner, records, cache.gather([r.id for r in records]), config, batch_size)
+
+
+def caption_features(captioner: Captioner, records: list[Record], feats: torch.Tensor, config: DecodeConfig,
+                     batch_size: int = 256) -> dict[int, str]:
+    """Captions of these records' (N, D) features, in batches: one decoding for the cache and in-training val."""
     out: dict[int, str] = {}
     for i in range(0, len(records), batch_size):
         nbest = captioner.generate(feats[i:i + batch_size], config)

@@ -13,12 +13,14 @@ are not lost to one bad file): its row stays empty, it is listed in the report, 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -120,10 +122,11 @@ class FeatureCache:
     def __init__(self, directory: Path) -> None:
         index_path = directory / INDEX
         if not index_path.is_file():
-            raise DatasetError(f"{directory}: no feature cache; run `captioner features` first")
+            raise DatasetError(f"{directory}: no feature cache; run `captioner features` first (with --checkpoint "
+                               "CHECKPOINT for a model whose CNN blocks were tuned)")
         index = json.loads(index_path.read_text())
         progress = json.loads((directory / PROGRESS).read_text())
-        self.ids: list[int] = index["ids"]
+        self.index, self.ids = index, index["ids"]
         if progress["done"] < len(self.ids):
             raise DatasetError(f"{directory}: feature cache incomplete ({progress['done']}/{len(self.ids)} rows); "
                                "run `captioner features` again to finish it")
@@ -148,9 +151,9 @@ class FeatureCache:
                                "leaves unreadable images out")
         return np.array([self.row[i] for i in ids], dtype=np.int64)
 
-    def gather(self, ids: list[int]) -> torch.Tensor:
-        """(len(ids), D) float32 features of these images, in this order, in memory."""
-        return torch.from_numpy(np.asarray(self.features[self.rows(ids)], dtype=np.float32))
+    def gather(self, ids: list[int], dtype: type = np.float32) -> torch.Tensor:
+        """(len(ids), *row shape) features of these images, in this order, in memory."""
+        return torch.from_numpy(np.asarray(self.features[self.rows(ids)], dtype=dtype))
 
 
 def read_failures(directory: Path) -> dict[int, dict]:
@@ -160,15 +163,31 @@ def read_failures(directory: Path) -> dict[int, dict]:
 
 
 def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, device: str = "auto",
-                   workers: int = 2) -> Path:
+                   workers: int = 2, encoder: Encoder | None = None) -> Path:
     """Encode every manifest image (resuming a partial cache, retrying the images that failed before); return
-    the cache directory. Unreadable images are printed as warnings and listed in the cache's report."""
+    the cache directory. Unreadable images are printed as warnings and listed in the cache's report.
+    ``encoder``: a built one whose ``config`` this is (a checkpoint's, e.g. with tuned blocks); default: built
+    from ``config``, its weights file hash-checked."""
     records = load_manifest(data_dir)
-    encoder, config = build_encoder(config)
-    directory = cache_dir(data_dir, config)
+    if encoder is None:
+        encoder, config = build_encoder(config)
+    dev = resolve_device(device)
+    model = copy.deepcopy(encoder).for_inference(dev)  # a copy: for_inference changes the weights' layout
+    index = {"ids": [r.id for r in records], "encoder": config.to_json()}
+    dataset = ImageFiles([r.path for r in records], config.preprocess)
+    return fill_cache(cache_dir(data_dir, config), index, (config.feature_dim,), records, dataset,
+                      lambda batch: model.encode(batch.to(dev, non_blocking=True)).float().cpu().numpy(),
+                      collate_images, batch_size, dev, workers)
+
+
+def fill_cache(directory: Path, index: dict, shape: tuple[int, ...], records: list[Record], dataset: Dataset,
+               encode: Callable, collate: Callable, batch_size: int, dev: torch.device, workers: int) -> Path:
+    """Create or resume the cache in ``directory``: a (len(records), *shape) float16 array whose row r is
+    ``encode`` of ``dataset[r]``'s pixels (as batched by ``collate``), described by ``index``. A cache
+    with another index starts over; one that is complete and has no failures is reused."""
     directory.mkdir(parents=True, exist_ok=True)
     ids = [r.id for r in records]
-    index = json.loads(json.dumps({"ids": ids, "encoder": config.to_json()}))  # tuples -> lists, as read back
+    index = json.loads(json.dumps(index))  # tuples -> lists, as read back
     index_path, progress_path, array_path = directory / INDEX, directory / PROGRESS, directory / ARRAY
     done = 0
     if index_path.is_file() and array_path.is_file() and progress_path.is_file():
@@ -179,7 +198,7 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
         print(f"feature cache {directory} is complete ({len(ids)} images): reusing it")
         return directory
     if done == 0:
-        np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=(len(ids), config.feature_dim)).flush()
+        np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=(len(ids), *shape)).flush()
         write_json_atomic(index_path, index)
         write_json_atomic(directory / FAILURES, {"failed": []})
         write_json_atomic(progress_path, {"done": 0})
@@ -189,9 +208,7 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
         print(f"retrying {len(failed)} image(s) that could not be encoded before")
     row_of = {image_id: r for r, image_id in enumerate(ids)}
     rows = sorted({row_of[i] for i in failed} | set(range(done, len(ids))))
-    dev = resolve_device(device)
-    failed = encode_into(encoder.for_inference(dev), dev, records, config.preprocess, directory, rows, failed,
-                         batch_size, workers)
+    failed = encode_into(encode, dev, records, dataset, collate, directory, rows, failed, batch_size, workers)
     for failure in failed.values():
         print(f"warning: image id {failure['id']}: {failure['path']}: {failure['error']}", file=sys.stderr)
     if failed:
@@ -200,23 +217,22 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
     return directory
 
 
-def encode_into(encoder: Encoder, dev: torch.device, records: list[Record], preprocess: Preprocess, directory: Path,
-                rows: list[int], failed: dict[int, dict], batch_size: int, workers: int) -> dict[int, dict]:
+def encode_into(encode: Callable, dev: torch.device, records: list[Record], dataset: Dataset, collate: Callable,
+                directory: Path, rows: list[int], failed: dict[int, dict], batch_size: int,
+                workers: int) -> dict[int, dict]:
     """Encode these rows of the cache, in order. After each batch the features are flushed, then the report,
     then the progress (rows attempted), so a kill loses at most one batch. ``failed`` (by image id) gains
     the images that cannot be read and loses those that now encode; the result is the updated report."""
     array_path, progress_path = directory / ARRAY, directory / PROGRESS
     array = np.load(array_path, mmap_mode="r+")
     done = json.loads(progress_path.read_text())["done"]
-    dataset = torch.utils.data.Subset(ImageFiles([r.path for r in records], preprocess), rows)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers, dev),
-                        collate_fn=collate_images, pin_memory=dev.type == "cuda")
+    loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
+                        num_workers=loader_workers(workers, dev), collate_fn=collate, pin_memory=dev.type == "cuda")
     encoded, t0 = 0, time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(rows), desc="features", unit="img") as bar:
         for idx, pixels, errors in loader:
             if pixels is not None:
-                feats = encoder.encode(pixels.to(dev, non_blocking=True)).float().cpu().numpy()
-                array[idx] = feats.astype(np.float16)  # idx: absolute row numbers, in order
+                array[idx] = encode(pixels).astype(np.float16)  # idx: absolute row numbers, in order
                 array.flush()
             for row in idx:
                 failed.pop(records[row].id, None)

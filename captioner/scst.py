@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,11 +32,12 @@ from .captions import references
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoding import DecodeConfig, Hypothesis, decode
 from .errors import ConfigError, DatasetError, TrainingError
-from .evaluate import caption_split_from_cache, score
+from .evaluate import caption_features, caption_split_from_cache, score
 from .features import FeatureCache, cache_dir
 from .manifest import load_manifest, split_records
 from .metrics import CiderD
 from .model import build_decoder
+from .views import draw_views, ensure_view_cache, open_view_cache, view_features
 from .vocab import SpecialIds
 
 BASELINES = ("mean", "greedy")
@@ -55,6 +57,9 @@ class ScstConfig:
     temperature: float = 1.0
     seed: int = 1
     val_beam: int = 3  # validation decodes with beam search of this width, as the shipped model is scored
+    # >0: each epoch draws one of this many random crops (or the centre crop) per training image, from the view
+    # cache at the depth of the checkpoint's tuned blocks (``train --views / --tune-blocks``; 0 for a frozen CNN)
+    views: int = 0
     log_every: int = 20
 
     def __post_init__(self) -> None:
@@ -116,12 +121,17 @@ class ScstTrainer:
         self.val_records = split_records(records, "val")
         if not self.train_records or not self.val_records:
             raise DatasetError(f"{self.data_dir}: SCST needs a train and a val split")
-        cache = FeatureCache(cache_dir(self.data_dir, self.model_config.encoder))
-        missing = [r.id for r in self.train_records if r.id in cache.failed]
-        if missing:
-            raise DatasetError(f"{cache.directory}: {len(missing)} training images could not be encoded "
-                               f"(e.g. id {missing[0]}); fix or re-prepare the data directory")
-        self.features = cache.gather([r.id for r in self.train_records])  # (N, D) float32
+        self.val_features = None
+        if config.views:
+            self.features, self.val_features = self._view_features(device)  # (N, views + 1, D), (N_val, D)
+        else:
+            cache = FeatureCache(cache_dir(self.data_dir, self.model_config.encoder))
+            missing = [r.id for r in self.train_records if r.id in cache.failed]
+            if missing:
+                raise DatasetError(f"{cache.directory}: {len(missing)} training images could not be encoded "
+                                   f"(e.g. id {missing[0]}); fix or re-prepare the data directory")
+            self.features = cache.gather([r.id for r in self.train_records])  # (N, D) float32
+        self.view_of = torch.zeros(len(self.train_records), dtype=torch.long)
         self.scorer = CiderD(references(self.train_records))
         self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=config.lr, weight_decay=0.0)
         specials = self.vocab.specials
@@ -130,6 +140,19 @@ class ScstTrainer:
                                           num_return=config.samples, temperature=config.temperature)
         self.greedy_config = DecodeConfig(strategy="greedy", max_len=self.model_config.max_len)
 
+    def _view_features(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of every training image's views and of the val images' centre crops, by this model's CNN."""
+        enc = self.model_config.encoder
+        tail = enc.provenance.get("tuned", {}).get("blocks", 0)
+        if tail == "all":
+            raise ConfigError("views: this model's whole CNN was trained (--finetune-encoder), so no view cache "
+                              "holds its activations; leave out --views")
+        ensure_view_cache(self.data_dir, enc, self.encoder, self.config.views, tail, device)
+        cache, blocks = open_view_cache(self.data_dir, enc, self.encoder, self.config.views, tail)
+        rows = cache.gather([r.id for r in self.train_records], np.float16)  # (N, views + 1, *shape)
+        train = view_features(blocks, rows.flatten(0, 1)).view(*rows.shape[:2], -1)
+        return train, view_features(blocks, cache.gather([r.id for r in self.val_records])[:, 0])
+
     def rewards(self, image_ids: list[int], hyps: list[Hypothesis]) -> torch.Tensor:
         """CIDEr-D of each caption against its image's training references."""
         return torch.tensor([self.scorer.score(i, self.vocab.decode(h.tokens)) for i, h in zip(image_ids, hyps)])
@@ -137,7 +160,7 @@ class ScstTrainer:
     def step(self, index: torch.Tensor, generator: torch.Generator) -> dict:
         """One SCST update on the images ``index`` (into the train split)."""
         cfg, vocab = self.config, self.vocab
-        feats = self.features[index].to(self.device)  # (B, D)
+        feats = (self.features[index, self.view_of[index]] if cfg.views else self.features[index]).to(self.device)
         ids = [self.train_records[i].id for i in index.tolist()]
         self.decoder.eval()  # the policy that samples is the one whose log-probabilities are trained: no dropout
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -170,7 +193,10 @@ class ScstTrainer:
         self.decoder.eval()
         captioner = Captioner(self.encoder, self.decoder, self.vocab, self.model_config, str(self.device), "fp32")
         config = captioner.decode_config(strategy="beam", beam_size=self.config.val_beam)
-        captions = caption_split_from_cache(captioner, self.data_dir, self.val_records, config)
+        if self.val_features is None:
+            captions = caption_split_from_cache(captioner, self.data_dir, self.val_records, config)
+        else:
+            captions = caption_features(captioner, self.val_records, self.val_features, config)
         metrics = score(self.val_records, captions)
         words = [c.split() for c in captions.values()]
         return {**metrics, "mean_words": sum(map(len, words)) / len(words),
@@ -187,6 +213,8 @@ class ScstTrainer:
         step = 0
         for epoch in range(1, self.config.epochs + 1):
             order = torch.randperm(len(self.train_records), generator=generator)
+            if self.config.views:
+                self.view_of = draw_views(len(self.train_records), self.config.views, self.config.seed, epoch)
             started = time.time()
             for first in range(0, len(order), self.config.batch_size):
                 stats = self.step(order[first:first + self.config.batch_size], generator)

@@ -11,6 +11,7 @@ alone validates and writes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -31,15 +33,16 @@ from .captions import encode_captions
 from .checkpoint import (check_output_space, load_checkpoint, load_trainer_state, restore_trainer_state,
                          save_checkpoint, trainer_state)
 from .config import ModelConfig, default_encoder
-from .encoder import EncoderConfig, build_encoder
+from .encoder import EncoderConfig, build_encoder, state_digest
 from .errors import ConfigError, DatasetError, TrainingError
-from .evaluate import caption_split, caption_split_from_cache, score
+from .evaluate import caption_features, caption_split, score
 from .features import FeatureCache, ImageFiles, ImagePairs, PairIndex, build_features, cache_dir, collate_images
 from .finetune import init_decoder, start_vocab
 from .manifest import REPORT, VOCAB, load_manifest, split_records
 from .model import CaptionDecoder, caption_loss
 from .runlog import RunLog
 from .runtime import autocast, resolve_device, resolve_precision
+from .views import draw_views, ensure_view_cache, open_view_cache, view_features
 from .vocab import Vocab
 
 
@@ -77,6 +80,11 @@ class TrainConfig:
     val_bleu_images: int = 0  # val images captioned for the validation metrics (0: the whole split)
     finetune_encoder: bool = False
     encoder_lr: float = 1e-5
+    # Random crops per training photo besides the centre crop, encoded once into a view cache (captioner/views.py);
+    # each epoch draws one of the photo's views. 0: the centre crop only (the plain feature cache).
+    views: int = 0
+    # The CNN's last N blocks trained at ``encoder_lr`` from the cached activations that enter them (views.py).
+    tune_blocks: int = 0
     # A checkpoint directory or bundled model name ("fast") to start from: its model, encoder and vocabulary,
     # the data's new words appended (captioner/finetune.py). "": a new model.
     init_from: str = ""
@@ -87,6 +95,11 @@ class TrainConfig:
         for name, choices in (("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.views < 0 or self.tune_blocks < 0:
+            raise ConfigError(f"views and tune_blocks must be >= 0, got {self.views} and {self.tune_blocks}")
+        if self.finetune_encoder and (self.views or self.tune_blocks):
+            raise ConfigError("finetune_encoder trains the whole CNN from the images; views and tune_blocks work "
+                              "from a cache: choose one")
 
 
 def resume_config(out: Path, overrides: dict) -> TrainConfig:
@@ -279,12 +292,14 @@ class Trainer:
         cfg, enc = self.config, self.model_config.encoder
         self.train_caps = encode_captions(self.train_records, self.vocab, self.model_config.max_len)
         self.val_caps = encode_captions(self.val_records, self.vocab, self.model_config.max_len)
-        if not cfg.finetune_encoder:
+        if cfg.views or cfg.tune_blocks:
+            self._prepare_views()
+        elif not cfg.finetune_encoder:
             directory = cache_dir(self.data_dir, enc)
             if not self._cache_complete(directory):
                 if self.rank == 0:
                     print(f"no complete feature cache at {directory}: building it")
-                    build_features(self.data_dir, enc, device=cfg.device, workers=cfg.workers)
+                    build_features(self.data_dir, enc, device=cfg.device, workers=cfg.workers, encoder=self.encoder)
                 if self.world > 1:
                     dist.barrier()
             cache = FeatureCache(directory)
@@ -295,6 +310,19 @@ class Trainer:
                                   f"({made[0]}) than the model's ({made[1]}); delete that folder to rebuild it")
             self.train_feats = cache.gather(self.train_caps.image_ids)  # (N_train, D)
             self.val_feats = cache.gather(self.val_caps.image_ids)
+
+    def _prepare_views(self) -> None:
+        """The view cache (built when missing): every training image's views in memory (float16), the val
+        images' centre crops, and the CNN blocks that turn them into features (``self.tail``)."""
+        cfg, enc = self.config, self.model_config.encoder
+        if self.rank == 0:
+            ensure_view_cache(self.data_dir, enc, self.encoder, cfg.views, cfg.tune_blocks, cfg.device, cfg.workers)
+        if self.world > 1:
+            dist.barrier()
+        cache, self.tail = open_view_cache(self.data_dir, enc, self.encoder, cfg.views, cfg.tune_blocks)
+        self.train_views = cache.gather(self.train_caps.image_ids, np.float16)  # (N_train, views + 1, *shape)
+        self.val_inputs = cache.gather(self.val_caps.image_ids)[:, 0]  # centre crops
+        self.view_of = torch.zeros(len(self.train_views), dtype=torch.long)
 
     @staticmethod
     def _cache_complete(directory: Path) -> bool:
@@ -309,7 +337,10 @@ class Trainer:
         self.decoder.to(self.device)
         self.encoder.to(self.device)
         self.encoder.requires_grad_(cfg.finetune_encoder)
-        self.optimizer = build_optimizer(self.decoder, cfg, self.encoder if cfg.finetune_encoder else None)
+        tuned = self.encoder if cfg.finetune_encoder else self.tail if cfg.tune_blocks else None
+        if tuned is not None:
+            tuned.requires_grad_(True)
+        self.optimizer = build_optimizer(self.decoder, cfg, tuned)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.model: nn.Module = self.decoder
@@ -317,6 +348,8 @@ class Trainer:
             self.model = DistributedDataParallel(self.decoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if cfg.finetune_encoder:
                 self.encoder = DistributedDataParallel(self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            elif cfg.tune_blocks:
+                self.tail = DistributedDataParallel(self.tail, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _loader(self, epoch: int) -> DataLoader:
         cfg = self.config
@@ -324,6 +357,8 @@ class Trainer:
                                      shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
         order = list(sampler)[self.state.step_in_epoch * cfg.batch_size:] if epoch == self.state.epoch else list(sampler)
+        if cfg.views:
+            self.view_of = draw_views(len(self.train_views), cfg.views, cfg.seed, epoch)
         if cfg.finetune_encoder:
             images = ImageFiles([r.path for r in self.train_records], self.model_config.encoder.preprocess)
             return DataLoader(ImagePairs(images, self.train_caps), batch_size=cfg.batch_size, sampler=order,
@@ -333,7 +368,13 @@ class Trainer:
 
     def _collate_cached(self, idx: list[int]):
         idx_t = torch.tensor(idx)
-        return self.train_feats[self.train_caps.pair_image[idx_t]], trim_padding(self.train_caps.tokens[idx_t])
+        images = self.train_caps.pair_image[idx_t]
+        if self.config.views or self.config.tune_blocks:
+            inputs = self.train_views[images, self.view_of[images]].float()
+            if not self.config.tune_blocks:
+                return inputs, trim_padding(self.train_caps.tokens[idx_t])  # pooled features of the drawn views
+            return inputs.contiguous(memory_format=torch.channels_last), trim_padding(self.train_caps.tokens[idx_t])
+        return self.train_feats[images], trim_padding(self.train_caps.tokens[idx_t])
 
     def _collate_images(self, items):
         pixels = torch.stack([p for p, _ in items])
@@ -374,7 +415,8 @@ class Trainer:
             try:  # forward, loss, backward, clip, step
                 loss, grad_norm, n_tokens = train_step(
                     self.model, self.optimizer, feats, tokens, cfg.clip, lrs, scaler=self.scaler,
-                    precision=self.precision, encoder=self.encoder if cfg.finetune_encoder else None,
+                    precision=self.precision,
+                    encoder=self.encoder if cfg.finetune_encoder else self.tail if cfg.tune_blocks else None,
                     label_smoothing=cfg.label_smoothing)
             except TrainingError as err:
                 raise TrainingError(f"{err} at epoch {self.state.epoch + 1} step {self.state.step}: stopped; the last "
@@ -402,7 +444,7 @@ class Trainer:
             return {}
         self.decoder.eval()
         self.encoder.eval()
-        val_feats = self.val_feats if not self.config.finetune_encoder else self._encode_val()
+        val_feats = self._val_features()
         total_loss, total_tokens = 0.0, 0
         for i in range(0, len(self.val_caps.tokens), 512):
             tokens = trim_padding(self.val_caps.tokens[i:i + 512]).to(self.device)
@@ -417,7 +459,7 @@ class Trainer:
         if self.config.finetune_encoder:
             captions = caption_split(captioner, records, greedy, workers=self.config.workers)
         else:
-            captions = caption_split_from_cache(captioner, self.data_dir, records, greedy)
+            captions = caption_features(captioner, records, val_feats[: len(records)], greedy)
         return {"val_loss": total_loss / max(1, total_tokens), **score(records, captions)}
 
     def _captioner(self) -> Captioner:
@@ -425,6 +467,16 @@ class Trainer:
         of the encoder because it prepares its own for inference (eval, channels-last weights on a CPU)."""
         encoder = copy.deepcopy(getattr(self.encoder, "module", self.encoder))
         return Captioner(encoder, self.decoder, self.vocab, self.model_config, str(self.device), self.precision)
+
+    def _val_features(self) -> torch.Tensor:
+        """(N_val, D) features of the val images by the model's current CNN."""
+        cfg = self.config
+        if cfg.finetune_encoder:
+            return self._encode_val()
+        if not (cfg.views or cfg.tune_blocks):
+            return self.val_feats
+        with autocast(self.precision, self.device):
+            return view_features(getattr(self.tail, "module", self.tail), self.val_inputs.to(self.device)).cpu()
 
     def _encode_val(self) -> torch.Tensor:
         images = ImageFiles([r.path for r in self.val_records], self.model_config.encoder.preprocess)
@@ -460,9 +512,14 @@ class Trainer:
         if self.rank != 0:
             return
         tensors, meta = trainer_state(self.optimizer, asdict(self.state)) if with_state else (None, None)
+        encoder = getattr(self.encoder, "module", self.encoder)
+        config = self.model_config
+        if self.config.finetune_encoder or self.config.tune_blocks:  # its features are no longer the file's
+            blocks = "all" if self.config.finetune_encoder else self.config.tune_blocks
+            provenance = {**config.encoder.provenance, "tuned": {"blocks": blocks, "sha256": state_digest(encoder)}}
+            config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, provenance=provenance))
         try:
-            save_checkpoint(self.out / name, self.model_config, self.vocab, self.decoder,
-                            getattr(self.encoder, "module", self.encoder), tensors, meta)
+            save_checkpoint(self.out / name, config, self.vocab, self.decoder, encoder, tensors, meta)
         except OSError as err:
             raise TrainingError(f"{self.out / name}: could not write the checkpoint ({err.strerror}); the previous "
                                 f"one is intact, continue with --resume once there is space") from None
