@@ -229,7 +229,10 @@ def encode_into(encode: Callable, dev: torch.device, records: list[Record], data
     loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
                         num_workers=loader_workers(workers, dev), collate_fn=collate, pin_memory=dev.type == "cuda")
     encoded, t0 = 0, time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(rows), desc="features", unit="img") as bar:
+    # fork_rng: the loader draws its seed from the global generator, and a training run that builds its cache
+    # first must see the same random numbers (initial weights, dropout) as one that finds it built
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(), tqdm(total=len(rows), desc="features",
+                                                                        unit="img") as bar:
         for idx, pixels, errors in loader:
             if pixels is not None:
                 array[idx] = encode(pixels).astype(np.float16)  # idx: absolute row numbers, in order
