@@ -16,7 +16,7 @@ Two domains, both with words the bundled model cannot say (``--domain``):
 The script runs the CLI steps a user would:
 
     captioner prepare csv DOMAIN.csv --images FOLDER --out WORK/data --min-count N
-    captioner features WORK/data
+    captioner features WORK/data --checkpoint fast                                      # that model's own CNN
     captioner evaluate WORK/data --split test --from-cache --checkpoint fast            # before
     captioner train WORK/data --out WORK/run --init-from fast --epochs E ...
     captioner evaluate WORK/data --split test --from-cache --checkpoint WORK/run/best   # after
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         csv.writer(fh).writerows([("image", "caption", "split"), *rows])
     assert captioner(["prepare", "csv", str(table), "--images", str(images), "--out", str(data),
                       "--min-count", str(args.min_count)]) == 0
-    assert captioner(["features", str(data), "--workers", "0"]) == 0
+    assert captioner(["features", str(data), "--checkpoint", args.checkpoint, "--workers", "0"]) == 0
     train_flags = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                    "--warmup-steps", str(args.warmup_steps), "--workers", "0"]
     started = time.perf_counter()

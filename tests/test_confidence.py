@@ -89,7 +89,7 @@ def test_calibrate_fits_on_val_and_writes_calibration_json(bundled_copy, tmp_pat
     shutil.copytree(bundled_copy, model, ignore=shutil.ignore_patterns(CALIBRATION))
     assert main(["prepare", "flickr8k", str(FLICKR8K / "Flickr8k.token.txt"), "--images", str(FLICKR8K / "images"),
                  "--out", str(data), *[a for n, p in splits.items() for a in ("--split-file", f"{n}={p}")]]) == 0
-    assert main(["features", str(data), "--device", "cpu", "--workers", "0"]) == 0
+    assert main(["features", str(data), "--checkpoint", str(model), "--device", "cpu", "--workers", "0"]) == 0
     assert main(["calibrate", str(data), "--checkpoint", str(model), "--report-split", "", "--device", "cpu"]) == 0
     assert f"wrote {model / CALIBRATION}" in capsys.readouterr().out
     calibration = read_calibration(model)

