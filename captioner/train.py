@@ -337,7 +337,7 @@ class Trainer:
         self.decoder.to(self.device)
         self.encoder.to(self.device)
         self.encoder.requires_grad_(cfg.finetune_encoder)
-        tuned = self.encoder if cfg.finetune_encoder else self.tail if cfg.tune_blocks else None
+        tuned = self._trained_cnn()
         if tuned is not None:
             tuned.requires_grad_(True)
         self.optimizer = build_optimizer(self.decoder, cfg, tuned)
@@ -350,6 +350,11 @@ class Trainer:
                 self.encoder = DistributedDataParallel(self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             elif cfg.tune_blocks:
                 self.tail = DistributedDataParallel(self.tail, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _trained_cnn(self) -> nn.Module | None:
+        """What of the CNN trains with the decoder: all of it (``finetune_encoder``), its last blocks, or nothing."""
+        cfg = self.config
+        return self.encoder if cfg.finetune_encoder else self.tail if cfg.tune_blocks else None
 
     def _loader(self, epoch: int) -> DataLoader:
         cfg = self.config
@@ -368,13 +373,11 @@ class Trainer:
 
     def _collate_cached(self, idx: list[int]):
         idx_t = torch.tensor(idx)
-        images = self.train_caps.pair_image[idx_t]
-        if self.config.views or self.config.tune_blocks:
-            inputs = self.train_views[images, self.view_of[images]].float()
-            if not self.config.tune_blocks:
-                return inputs, trim_padding(self.train_caps.tokens[idx_t])  # pooled features of the drawn views
-            return inputs.contiguous(memory_format=torch.channels_last), trim_padding(self.train_caps.tokens[idx_t])
-        return self.train_feats[images], trim_padding(self.train_caps.tokens[idx_t])
+        images, tokens = self.train_caps.pair_image[idx_t], trim_padding(self.train_caps.tokens[idx_t])
+        if not (self.config.views or self.config.tune_blocks):
+            return self.train_feats[images], tokens
+        inputs = self.train_views[images, self.view_of[images]].float()  # each image's view of this epoch
+        return (inputs.contiguous(memory_format=torch.channels_last) if self.config.tune_blocks else inputs), tokens
 
     def _collate_images(self, items):
         pixels = torch.stack([p for p, _ in items])
@@ -415,8 +418,7 @@ class Trainer:
             try:  # forward, loss, backward, clip, step
                 loss, grad_norm, n_tokens = train_step(
                     self.model, self.optimizer, feats, tokens, cfg.clip, lrs, scaler=self.scaler,
-                    precision=self.precision,
-                    encoder=self.encoder if cfg.finetune_encoder else self.tail if cfg.tune_blocks else None,
+                    precision=self.precision, encoder=self._trained_cnn(),
                     label_smoothing=cfg.label_smoothing)
             except TrainingError as err:
                 raise TrainingError(f"{err} at epoch {self.state.epoch + 1} step {self.state.step}: stopped; the last "

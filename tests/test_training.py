@@ -21,6 +21,7 @@ from captioner.checkpoint import load_checkpoint, load_trainer_state
 from captioner.cli import _encoder_config, _model_options, _train_config, build_parser, main
 from captioner.config import ModelConfig, default_encoder
 from captioner.errors import ConfigError
+from captioner.features import cache_dir
 from captioner.train import TrainConfig, Trainer
 
 from conftest import TEST_ENCODER
@@ -165,7 +166,7 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path,
     good = (run / "last" / "model.safetensors").read_bytes()
     poisoned = tmp_path / "data"
     shutil.copytree(data_dir, poisoned)
-    features = next((poisoned / "features").glob("*/features.npy"))
+    features = cache_dir(poisoned, TEST_ENCODER) / "features.npy"  # the run's cache (not another one beside it)
     array = np.load(features, mmap_mode="r+")
     array[:] = np.nan  # a corrupt cache makes the loss NaN at the first step
     array.flush()
