@@ -104,11 +104,11 @@ class ImagePairs(Dataset):
         return pixels, i
 
 
-def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]):
-    """Stack the good images; keep the indices and errors of the bad ones."""
+def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]], combine: Callable = torch.stack):
+    """``combine`` the good images' pixels (stacked); keep the indices and errors of the bad ones."""
     good = [(i, x) for i, x, err in items if err is None]
     errors = [(i, err) for i, _, err in items if err is not None]
-    pixels = torch.stack([x for _, x in good]) if good else None
+    pixels = combine([x for _, x in good]) if good else None
     return [i for i, _ in good], pixels, errors
 
 
@@ -156,6 +156,15 @@ class FeatureCache:
         return torch.from_numpy(np.asarray(self.features[self.rows(ids)], dtype=dtype))
 
 
+def cache_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished cache (feature or view cache)."""
+    try:
+        FeatureCache(directory)
+        return True
+    except (DatasetError, FileNotFoundError):
+        return False
+
+
 def read_failures(directory: Path) -> dict[int, dict]:
     """The cache's unreadable images by id, ``{"id", "path", "error"}`` (none in caches older than the report)."""
     path = directory / FAILURES
@@ -171,8 +180,10 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
     records = load_manifest(data_dir)
     if encoder is None:
         encoder, config = build_encoder(config)
+    else:
+        encoder = copy.deepcopy(encoder)  # for_inference changes the weights' layout; the caller may be training it
     dev = resolve_device(device)
-    model = copy.deepcopy(encoder).for_inference(dev)  # a copy: for_inference changes the weights' layout
+    model = encoder.for_inference(dev)
     index = {"ids": [r.id for r in records], "encoder": config.to_json()}
     dataset = ImageFiles([r.path for r in records], config.preprocess)
     return fill_cache(cache_dir(data_dir, config), index, (config.feature_dim,), records, dataset,

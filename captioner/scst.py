@@ -32,7 +32,7 @@ from .captions import references
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoding import DecodeConfig, Hypothesis, decode
 from .errors import ConfigError, DatasetError, TrainingError
-from .evaluate import caption_features, caption_split_from_cache, score
+from .evaluate import caption_features, score
 from .features import FeatureCache, cache_dir
 from .manifest import load_manifest, split_records
 from .metrics import CiderD
@@ -121,7 +121,6 @@ class ScstTrainer:
         self.val_records = split_records(records, "val")
         if not self.train_records or not self.val_records:
             raise DatasetError(f"{self.data_dir}: SCST needs a train and a val split")
-        self.val_features = None
         if config.views:
             self.features, self.val_features = self._view_features(device)  # (N, views + 1, D), (N_val, D)
         else:
@@ -130,8 +129,9 @@ class ScstTrainer:
             if missing:
                 raise DatasetError(f"{cache.directory}: {len(missing)} training images could not be encoded "
                                    f"(e.g. id {missing[0]}); fix or re-prepare the data directory")
-            self.features = cache.gather([r.id for r in self.train_records])  # (N, D) float32
-        self.view_of = torch.zeros(len(self.train_records), dtype=torch.long)
+            self.features = cache.gather([r.id for r in self.train_records])[:, None]  # (N, 1, D): one view
+            self.val_features = cache.gather([r.id for r in self.val_records])
+        self.view_of = torch.zeros(len(self.train_records), dtype=torch.long)  # view 0: the centre crop
         self.scorer = CiderD(references(self.train_records))
         self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=config.lr, weight_decay=0.0)
         specials = self.vocab.specials
@@ -160,7 +160,7 @@ class ScstTrainer:
     def step(self, index: torch.Tensor, generator: torch.Generator) -> dict:
         """One SCST update on the images ``index`` (into the train split)."""
         cfg, vocab = self.config, self.vocab
-        feats = (self.features[index, self.view_of[index]] if cfg.views else self.features[index]).to(self.device)
+        feats = self.features[index, self.view_of[index]].to(self.device)  # (B, D): each image's view this epoch
         ids = [self.train_records[i].id for i in index.tolist()]
         self.decoder.eval()  # the policy that samples is the one whose log-probabilities are trained: no dropout
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -193,10 +193,7 @@ class ScstTrainer:
         self.decoder.eval()
         captioner = Captioner(self.encoder, self.decoder, self.vocab, self.model_config, str(self.device), "fp32")
         config = captioner.decode_config(strategy="beam", beam_size=self.config.val_beam)
-        if self.val_features is None:
-            captions = caption_split_from_cache(captioner, self.data_dir, self.val_records, config)
-        else:
-            captions = caption_features(captioner, self.val_records, self.val_features, config)
+        captions = caption_features(captioner, self.val_records, self.val_features, config)
         metrics = score(self.val_records, captions)
         words = [c.split() for c in captions.values()]
         return {**metrics, "mean_words": sum(map(len, words)) / len(words),

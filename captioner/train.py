@@ -36,7 +36,8 @@ from .config import ModelConfig, default_encoder
 from .encoder import EncoderConfig, build_encoder, state_digest
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_features, caption_split, score
-from .features import FeatureCache, ImageFiles, ImagePairs, PairIndex, build_features, cache_dir, collate_images
+from .features import (FeatureCache, ImageFiles, ImagePairs, PairIndex, build_features, cache_complete, cache_dir,
+                       collate_images)
 from .finetune import init_decoder, start_vocab
 from .manifest import REPORT, VOCAB, load_manifest, split_records
 from .model import CaptionDecoder, caption_loss
@@ -292,11 +293,12 @@ class Trainer:
         cfg, enc = self.config, self.model_config.encoder
         self.train_caps = encode_captions(self.train_records, self.vocab, self.model_config.max_len)
         self.val_caps = encode_captions(self.val_records, self.vocab, self.model_config.max_len)
+        self.view_of = torch.zeros(len(self.train_caps.image_ids), dtype=torch.long)  # view 0: the centre crop
         if cfg.views or cfg.tune_blocks:
             self._prepare_views()
         elif not cfg.finetune_encoder:
             directory = cache_dir(self.data_dir, enc)
-            if not self._cache_complete(directory):
+            if not cache_complete(directory):
                 if self.rank == 0:
                     print(f"no complete feature cache at {directory}: building it")
                     build_features(self.data_dir, enc, device=cfg.device, workers=cfg.workers, encoder=self.encoder)
@@ -308,8 +310,9 @@ class Trainer:
                         for e in (cache.encoder, enc)]
                 raise ConfigError(f"{directory}: these features were made by another encoder or preprocessing "
                                   f"({made[0]}) than the model's ({made[1]}); delete that folder to rebuild it")
-            self.train_feats = cache.gather(self.train_caps.image_ids)  # (N_train, D)
-            self.val_feats = cache.gather(self.val_caps.image_ids)
+            # one view per image, and nothing between the cache and the decoder: the view cache's layout
+            self.train_inputs = cache.gather(self.train_caps.image_ids)[:, None]  # (N_train, 1, D)
+            self.val_inputs, self.tail = cache.gather(self.val_caps.image_ids), nn.Identity()
 
     def _prepare_views(self) -> None:
         """The view cache (built when missing): every training image's views in memory (float16), the val
@@ -320,17 +323,8 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         cache, self.tail = open_view_cache(self.data_dir, enc, self.encoder, cfg.views, cfg.tune_blocks)
-        self.train_views = cache.gather(self.train_caps.image_ids, np.float16)  # (N_train, views + 1, *shape)
+        self.train_inputs = cache.gather(self.train_caps.image_ids, np.float16)  # (N_train, views + 1, *shape)
         self.val_inputs = cache.gather(self.val_caps.image_ids)[:, 0]  # centre crops
-        self.view_of = torch.zeros(len(self.train_views), dtype=torch.long)
-
-    @staticmethod
-    def _cache_complete(directory: Path) -> bool:
-        try:
-            FeatureCache(directory)
-            return True
-        except (DatasetError, FileNotFoundError):
-            return False
 
     def _build_optimizer(self) -> None:
         cfg = self.config
@@ -363,7 +357,7 @@ class Trainer:
         sampler.set_epoch(epoch)
         order = list(sampler)[self.state.step_in_epoch * cfg.batch_size:] if epoch == self.state.epoch else list(sampler)
         if cfg.views:
-            self.view_of = draw_views(len(self.train_views), cfg.views, cfg.seed, epoch)
+            self.view_of = draw_views(len(self.train_inputs), cfg.views, cfg.seed, epoch)
         if cfg.finetune_encoder:
             images = ImageFiles([r.path for r in self.train_records], self.model_config.encoder.preprocess)
             return DataLoader(ImagePairs(images, self.train_caps), batch_size=cfg.batch_size, sampler=order,
@@ -374,9 +368,7 @@ class Trainer:
     def _collate_cached(self, idx: list[int]):
         idx_t = torch.tensor(idx)
         images, tokens = self.train_caps.pair_image[idx_t], trim_padding(self.train_caps.tokens[idx_t])
-        if not (self.config.views or self.config.tune_blocks):
-            return self.train_feats[images], tokens
-        inputs = self.train_views[images, self.view_of[images]].float()  # each image's view of this epoch
+        inputs = self.train_inputs[images, self.view_of[images]].float()  # each image's view of this epoch
         return (inputs.contiguous(memory_format=torch.channels_last) if self.config.tune_blocks else inputs), tokens
 
     def _collate_images(self, items):
@@ -472,11 +464,8 @@ class Trainer:
 
     def _val_features(self) -> torch.Tensor:
         """(N_val, D) features of the val images by the model's current CNN."""
-        cfg = self.config
-        if cfg.finetune_encoder:
+        if self.config.finetune_encoder:
             return self._encode_val()
-        if not (cfg.views or cfg.tune_blocks):
-            return self.val_feats
         with autocast(self.precision, self.device):
             return view_features(getattr(self.tail, "module", self.tail), self.val_inputs.to(self.device)).cpu()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -30,9 +31,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .encoder import Encoder, EncoderConfig, Preprocess, split_encoder, state_digest
-from .errors import ConfigError, DatasetError, ImageLoadError
-from .features import FeatureCache, fill_cache
+from .encoder import Encoder, EncoderConfig, Preprocess, run_laid_out, split_encoder, state_digest
+from .errors import ConfigError, ImageLoadError
+from .features import FeatureCache, cache_complete, collate_images, fill_cache
 from .images import load_image
 from .manifest import Record, load_manifest
 from .runtime import resolve_device
@@ -86,12 +87,9 @@ class ViewImages(Dataset):
         return i, torch.stack(crops), None
 
 
-def collate_views(items):
-    """Like ``features.collate_images``; pixels: (all views of the good images, views per image)."""
-    good = [(i, x) for i, x, err in items if err is None]
-    errors = [(i, err) for i, _, err in items if err is not None]
-    pixels = (torch.cat([x for _, x in good]), [len(x) for _, x in good]) if good else None
-    return [i for i, _ in good], pixels, errors
+def concat_views(pixels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """A batch's (k_i, 3, H, W) view stacks -> (all their views, k_i per image): ``collate_images``'s combine."""
+    return torch.cat(pixels), [len(x) for x in pixels]
 
 
 def untuned(config: EncoderConfig) -> EncoderConfig:
@@ -119,41 +117,31 @@ def build_view_cache(data_dir: Path, config: EncoderConfig, encoder: Encoder, vi
     if views < 0:
         raise ConfigError(f"views must be >= 0, got {views}")
     records = load_manifest(data_dir)
-    stem, _ = split_encoder(encoder, tail, config.name)
-    index = cache_index(records, config, stem, views, tail, split, augment)
     dev = resolve_device(device)
-    model = copy.deepcopy(encoder).for_inference(dev)
-    stem = split_encoder(model, tail, config.name)[0] if tail else model
+    model = copy.deepcopy(encoder).for_inference(dev)  # a copy: for_inference changes the weights' layout
+    stem, _ = split_encoder(model, tail, config.name)
+    index = cache_index(records, config, stem, views, tail, split, augment)
+    stored = stem if tail else model  # tail 0: the pooled feature, i.e. the whole encoder
     with torch.no_grad():
-        shape = tuple(stem(torch.zeros(1, 3, config.image_size, config.image_size, device=dev)).shape[1:])
+        shape = tuple(stored(torch.zeros(1, 3, config.image_size, config.image_size, device=dev)).shape[1:])
 
     def encode(batch: tuple[torch.Tensor, list[int]]) -> np.ndarray:
         pixels, counts = batch
-        x = pixels.to(dev, non_blocking=True)
-        if dev.type == "cpu":  # channels-last, a few images per call: as ``Encoder.encode``
-            x = x.contiguous(memory_format=torch.channels_last)
-            out = torch.cat([stem(chunk) for chunk in x.split(Encoder.CPU_CHUNK)])
-        else:
-            out = stem(x)
-        out = out.float().contiguous().cpu().numpy()
-        rows = np.zeros((len(counts), views + 1, *shape), dtype=np.float32)
-        starts = np.cumsum([0] + counts)
-        for r, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
-            rows[r, : b - a] = out[a:b]
+        out = run_laid_out(stored, pixels.to(dev, non_blocking=True)).float().cpu().numpy()
+        rows = np.zeros((len(counts), views + 1, *shape), dtype=np.float32)  # rows without views stay zero
+        rows[np.repeat(np.arange(len(counts)), counts), np.concatenate([np.arange(c) for c in counts])] = out
         return rows
 
     dataset = ViewImages(records, config.preprocess, [views if r.split == split else 0 for r in records], augment)
     return fill_cache(view_cache_dir(data_dir, config, views, tail), index, (views + 1, *shape), records, dataset,
-                      encode, collate_views, batch_size, dev, workers)
+                      encode, functools.partial(collate_images, combine=concat_views), batch_size, dev, workers)
 
 
 def ensure_view_cache(data_dir: Path, config: EncoderConfig, encoder: Encoder, views: int, tail: int,
                       device: str = "auto", workers: int = 2) -> None:
     """Build (or finish) the view cache unless it is complete."""
     directory = view_cache_dir(data_dir, config, views, tail)
-    try:
-        FeatureCache(directory)
-    except (DatasetError, FileNotFoundError):
+    if not cache_complete(directory):
         print(f"no complete view cache at {directory}: building it")
         build_view_cache(data_dir, config, encoder, views, tail, device=device, workers=workers)
 

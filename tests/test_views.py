@@ -129,7 +129,7 @@ def test_an_epoch_draws_the_views_again_and_a_resume_draws_the_same(data_dir, tm
     assert torch.equal(trainer.view_of, first)
     feats, _ = trainer._collate_cached(list(range(16)))
     images = trainer.train_caps.pair_image[:16]
-    assert torch.equal(feats, trainer.train_views[images, first[images]].float())
+    assert torch.equal(feats, trainer.train_inputs[images, first[images]].float())
 
 
 def test_scst_on_views_of_a_tuned_model_uses_its_own_cnn(data_dir, tmp_path):
