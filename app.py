@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from captioner.api import Captioner
-from captioner.decoding import STRATEGIES
+from captioner.decoding import STRATEGIES, DecodeConfig
 from captioner.errors import USER_ERRORS
 from captioner.explain import overlay
 from captioner.fetch import MAX_IMAGE_BYTES, FetchConfig, is_url
@@ -97,13 +97,20 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
     return best, table, {f"{t.word} ({t.imagenet_class})": t.prob for t in tags}
 
 
-EXPLAIN_OPTIONS = {"strategy": "beam", "beam_size": 3}  # the Caption tab's default settings
+EXPLAIN_OPTIONS = {"strategy": "beam"}  # the Caption tab's default: beam search as the model's decoding.json sets it
+
+
+def opening_beam_size(captioner: Captioner | None) -> int:
+    """The beam slider's starting value: the width the model's checkpoint recommends (``decoding.json``,
+    chosen on validation), else ``DecodeConfig``'s; ``None`` builds the UI without a model (tests)."""
+    config = captioner.decode_config(strategy="beam") if captioner is not None else DecodeConfig(strategy="beam")
+    return min(config.beam_size, MAX_BEAM)
 
 
 def explain_upload(captioner: Captioner, upload: dict | None, guide: bool = False) -> tuple[str, gr.Radio, object, list]:
-    """The Explain tab: the caption (beam 3), a word picker, the first word's map and every word's map
-    (kept in the session's state, so picking a word costs nothing). Called with ``preprocess=False``
-    for the same reason as ``caption_upload``."""
+    """The Explain tab: the caption (the model's recommended beam search), a word picker, the first word's map
+    and every word's map (kept in the session's state, so picking a word costs nothing). Called with
+    ``preprocess=False`` for the same reason as ``caption_upload``."""
     if upload is None:
         raise gr.Error("No image: upload or paste one first.", print_exception=False)
     try:
@@ -161,7 +168,8 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                                             info="sample only: < 1 safer, > 1 more varied")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p",
                                       info="sample only: keep the smallest word set with this probability (1 = off)")
-                    beam_size = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size", info="beam only")
+                    beam_size = gr.Slider(1, MAX_BEAM, value=opening_beam_size(captioner), step=1, label="Beam size",
+                                          info="beam only; starts at the width this model was tuned for")
                     num_return = gr.Slider(1, MAX_CAPTIONS, value=3, step=1, label="Number of captions",
                                            info="sample / beam (at most the beam size); greedy gives one")
                     guide = gr.Checkbox(value=True, label="Name what the CNN recognises", elem_id="guide",

@@ -68,7 +68,7 @@ def main() -> None:
         if config.num_return > 1:
             candidates["nbest_agreement"] = [agreement(n) for n in nbest]
             candidates["nbest_margin"] = [n[0]["logprob"] - n[1]["logprob"] for n in nbest]
-        name = setting_name(setting)
+        name = setting_name(config.to_json())
         results[name] = {k: round(float(spearmanr(v, cider).statistic), 3) for k, v in candidates.items()}
         print(f"{args.split}, {name}: Spearman with CIDEr-D over {len(records)} images")
         for k, rho in results[name].items():

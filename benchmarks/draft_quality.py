@@ -92,7 +92,7 @@ def compare(cap: Captioner, records, paths: list[str], label: str) -> dict:
     out = {"images": len(paths), "drafted": drafted, "decode_encode_s": {"full": t_full, "draft": t_draft},
            "feature_max_abs_diff": float((full - draft).abs().max()),
            "feature_rel_l2": float((full - draft).norm() / full.norm())}
-    for name, options in (("greedy", {}), ("beam3", {"strategy": "beam", "beam_size": 3})):
+    for name, options in (("greedy", {"strategy": "greedy"}), ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False})):
         a, b = captions(cap, full, options), captions(cap, draft, options)
         ma = score(records, {r.id: c for r, c in zip(records, a)})
         mb = score(records, {r.id: c for r, c in zip(records, b)})

@@ -362,7 +362,7 @@ def bench_camera(cap: Captioner, paths: list[str], workers: int, budget: Budget)
     The camera ``stream`` passes alternate with passes over the Flickr8k-size originals they were made from
     (order swapped every round), so both see the same machine load; the ratio is the median of the rounds'
     ratios. Large JPEGs are decoded at a reduced DCT scale (``load_image``'s ``min_side``)."""
-    config, flickr = cap.decode_config(), paths[: budget.stream_images]
+    config, flickr = cap.decode_config(strategy="greedy"), paths[: budget.stream_images]
     camera, source = camera_photos(flickr, distinct=max(4, budget.stream_images // 12))
     warm_page_cache(camera)
     print(f"# camera photos: {source}")
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         base_big = enc[f"{cap.config.encoder.name} b{budget.stream_batch}"]
     if "stream" in only:
         stream = results["stream"] = {}
-        for key, config in (("greedy", cap.decode_config()), ("beam3", cap.decode_config(strategy="beam", beam_size=3)),
+        for key, config in (("greedy", cap.decode_config(strategy="greedy")), ("beam3", cap.decode_config(strategy="beam", beam_size=3, length_penalty=0.0, guide=False)),
                             ("sample", cap.decode_config(strategy="sample", seed=0))):
             stream[key] = bench_stream(cap, paths[: budget.stream_images], config, args.workers, budget)
             show(f"stream {key}", stream[key])

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             CaptionDecoder.ONE_THREAD_ROWS = ONE_THREAD_ROWS
 
     changed = {}
-    for name, options in (("greedy", {}), ("beam3", {"strategy": "beam", "beam_size": 3})):
+    for name, options in (("greedy", {"strategy": "greedy"}),
+                          ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False})):
         new = [cap.caption(p, **options) for p in paths]
         old = with_rows(0, lambda: [cap.caption(p, **options) for p in paths])
         changed[name] = sum(a != b for a, b in zip(new, old))

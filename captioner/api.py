@@ -75,13 +75,15 @@ class Captioner:
     """A loaded model: encoder + decoder + vocabulary + preprocessing, on one device."""
 
     def __init__(self, encoder: Encoder, decoder: CaptionDecoder | EnsembleDecoder, vocab: Vocab, config: ModelConfig,
-                 device: str = "auto", precision: str = "auto", calibration: Calibration | None = None) -> None:
+                 device: str = "auto", precision: str = "auto", calibration: Calibration | None = None,
+                 decoding: dict | None = None) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.encoder = encoder.for_inference(self.device)
         self.decoder = decoder.to(self.device).eval()
         self.vocab, self.config = vocab, config
         self.calibration = calibration  # None: captions carry no "confidence" (captioner/confidence.py)
+        self.decoding = dict(decoding or {})  # the checkpoint's recommended decoding options (captioner/tuning.py)
         self.preprocess = config.encoder.preprocess
         self.fetch = FetchConfig()  # how image URLs are fetched; private addresses need FetchConfig(allow_private=True)
 
@@ -97,11 +99,17 @@ class Captioner:
         except RuntimeError as err:
             raise CheckpointError(f"{loaded.directory}/model.safetensors: decoder tensors do not match "
                                   f"config.json: {str(err)[:300]}") from None
-        return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision, loaded.calibration)
+        return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision, loaded.calibration,
+                   loaded.decoding)
 
     def decode_config(self, **options) -> DecodeConfig:
-        """Decoding options with this model's caption length as the default ``max_len``."""
-        return DecodeConfig(**{"max_len": self.config.max_len, **options})
+        """Decoding options over this model's defaults: its caption length as ``max_len`` and, unless
+        ``options`` name another strategy, the decoding its checkpoint recommends (``decoding.json``, chosen on
+        validation by ``captioner tune-decoding``). Another strategy starts from ``DecodeConfig``'s own
+        defaults, so ``strategy="greedy"`` is plain greedy whatever beam settings the model prefers."""
+        recommended = self.decoding.get("strategy", DecodeConfig.strategy)
+        defaults = self.decoding if options.get("strategy", recommended) == recommended else {}
+        return DecodeConfig(**{"max_len": self.config.max_len, **defaults, **options})
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

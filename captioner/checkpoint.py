@@ -12,7 +12,7 @@ import errno
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .confidence import CALIBRATION, Calibration, read_calibration
+from .tuning import DECODING, read_decoding
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, TrainingError, VocabError
@@ -39,6 +40,7 @@ class Loaded:
     encoder: Encoder
     directory: Path
     calibration: Calibration | None = None  # calibration.json (``captioner calibrate``), when the directory has one
+    decoding: dict = field(default_factory=dict)  # decoding.json's recommended options (``captioner tune-decoding``)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -155,7 +157,7 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
     if calibration is not None and "tag_prob" in calibration.features and encoder.head is None:
         raise CheckpointError(f"{directory / CALIBRATION}: uses tag_prob, but the encoder has no ImageNet head; "
                               "re-create it with `captioner calibrate`")
-    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration)
+    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, read_decoding(directory))
 
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -258,9 +260,9 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
     weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied
     unless training tuned it: the checkpoint holds the decoder, and loading rebuilds the encoder from the
     package, hash-checked.
-    One source's ``calibration.json`` comes along (storage precision moves log-probabilities by far less
-    than the calibration's resolution); an ensemble's captions differ from each member's, so it gets none
-    and needs ``captioner calibrate``."""
+    One source's ``calibration.json`` and ``decoding.json`` come along (storage precision moves
+    log-probabilities by far less than the calibration's resolution); an ensemble's captions differ from each
+    member's, so it gets neither and needs ``captioner calibrate`` and ``captioner tune-decoding``."""
     loaded = [load_checkpoint(s) for s in sources]
     first = loaded[0]
     for other in loaded[1:]:
@@ -283,8 +285,9 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
         shutil.rmtree(work)
     work.mkdir(parents=True)
     _write(work, config, first.vocab, tensors, dtype)
-    if len(loaded) == 1 and (first.directory / CALIBRATION).is_file():
-        shutil.copyfile(first.directory / CALIBRATION, work / CALIBRATION)
+    for name in (CALIBRATION, DECODING):
+        if len(loaded) == 1 and (first.directory / name).is_file():
+            shutil.copyfile(first.directory / name, work / name)
     if target.exists():
         shutil.rmtree(target)
     os.rename(work, target)

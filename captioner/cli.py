@@ -154,7 +154,7 @@ def _add_config_flags(p, cls, names, helps: dict[str, str], choices: dict[str, t
     import dataclasses
     for f in dataclasses.fields(cls):
         if f.name in names:
-            kind = ({"action": "store_true"} if isinstance(f.default, bool)
+            kind = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool)
                     else {"type": (types or {}).get(f.name, type(f.default)), "choices": (choices or {}).get(f.name)})
             p.add_argument("--" + f.name.replace("_", "-"), default=None,
                            help=f"{helps.get(f.name, '')} (default: {f.default})".lstrip(), **kind)
@@ -217,7 +217,9 @@ def cmd_train(args) -> int:
 
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
                 "no_repeat_ngram", "seed", "guide", "guide_threshold")  # DecodeConfig fields given as flags
-DECODE_HELP = {"length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
+DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
+                           "tune-decoding`), whose settings also fill the beam flags left out",
+               "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
                "seed": "seed for --strategy sample",
                "guide": "beam only: the caption must name what the CNN's ImageNet head recognises (constrained beam)",
                "guide_threshold": "probability a recognised object needs before --guide requires its word"}
@@ -506,6 +508,55 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "guide", "batch_size")  # TuneConfig fields given as flags
+TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes": "comma list of beam widths",
+             "length_penalties": "comma list of alphas in logprob / len**alpha",
+             "guide": "guide every setting (needs the encoder's ImageNet head)", "batch_size": "images decoded at once"}
+
+
+def _numbers(kind: Callable) -> Callable[[str], tuple]:
+    """A comma list flag (``3,5``) parsed into a tuple of ``kind``."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}s, got {text!r}") from None
+    return parse
+
+
+def _add_tune_decoding(sub) -> None:
+    from captioner.tuning import TuneConfig
+    p = sub.add_parser("tune-decoding", help="choose a checkpoint's decoding on validation; writes CHECKPOINT/decoding.json",
+                       description="Decodes the data directory's cached features of the checkpoint's encoder with every "
+                                   "beam width x length penalty and records the best (captioner/tuning.py); the API, "
+                                   "the CLI and the app then decode that way unless told otherwise.")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--checkpoint", help="checkpoint directory to tune (default: the bundled model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and the choice, write nothing")
+    _add_config_flags(p, TuneConfig, TUNE_FLAGS, TUNE_HELP,
+                      types={"beam_sizes": _numbers(int), "length_penalties": _numbers(float)})
+
+
+def cmd_tune_decoding(args) -> int:
+    from captioner.api import Captioner, resolve_model
+    from captioner.tuning import TuneConfig, save_decoding, tune_decoding
+    directory = resolve_model(args.checkpoint)
+    captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
+    config = TuneConfig(**_given(args, TUNE_FLAGS))
+    if config.guide and not captioner.can_tag:
+        raise ConfigError(f"{directory}: --guide needs the encoder's ImageNet head, and this model has none")
+    result = tune_decoding(captioner, args.data_dir, config)
+    print(f"{'beam':>4} {'alpha':>5} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
+    for row in result["grid"]["rows"]:
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} | {row['bleu4'] * 100:6.2f} {row['cider_d'] * 100:7.2f} "
+              f"{row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
+    print(f"chosen ({result['rule']}): {result['defaults']}")
+    if not args.dry_run:
+        print(f"wrote {save_decoding(result, directory)}")
+    return 0
+
+
 def _add_explain(sub) -> None:
     from captioner.explain import add_arguments
     p = sub.add_parser("explain", help="caption a photo and draw a saliency map per word (Grad-CAM)")
@@ -527,7 +578,8 @@ COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, 
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
             "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, cmd_gradflow),
             "export": (_add_export, cmd_export), "report": (_add_report, cmd_report), "scst": (_add_scst, cmd_scst),
-            "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain)}
+            "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain),
+            "tune-decoding": (_add_tune_decoding, cmd_tune_decoding)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,9 +57,10 @@ class CalibrationConfig:
     report_split: str | None = "test"  # scored with the fitted calibrator for reporting only, never fitted on
     human_quantile: float = 0.25  # "good" = CIDEr-D >= this quantile of leave-one-out human CIDEr-D
     bins: int = 10  # equal-width confidence bins of the expected calibration error and the diagram
-    # The decoding defaults users see: the CLI's (DecodeConfig(): greedy) and the app's (beam 3, 3 captions, guided)
+    # The decoding users get by default, over the model's decoding.json (``Captioner.decode_config``): the CLI's
+    # and the API's ({}: the model's recommended decoding, greedy without one) and the app's (beam, 3 captions, guided)
     settings: tuple[dict, ...] = field(default_factory=lambda: (
-        {"strategy": "greedy"}, {"strategy": "beam", "beam_size": 3, "num_return": 3, "guide": True}))
+        {}, {"strategy": "beam", "num_return": 3, "guide": True}))
     batch_size: int = 250  # images decoded at once
 
 
@@ -205,7 +206,7 @@ class Scored:
 
 def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: float, names: list[str],
                 config: CalibrationConfig) -> list[Scored]:
-    """Decode the split's cached features with every setting; the best caption of each image, labelled."""
+    """Decode the split's cached features with every distinct setting; the best caption of each image, labelled."""
     from .captions import references
     from .features import FeatureCache, cache_dir
     from .manifest import load_manifest, split_records
@@ -216,9 +217,13 @@ def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: f
     cache = FeatureCache(cache_dir(data_dir, captioner.config.encoder))
     records = [r for r in split_records(load_manifest(data_dir), split) if r.id not in cache.failed]
     scorer = CiderD(references(records))
-    out = []
+    out, seen = [], []
     for setting in config.settings:
         decode = captioner.decode_config(**setting)
+        same_best = {**decode.to_json(), "num_return": 1}  # a beam's best caption does not depend on num_return
+        if same_best in seen:  # e.g. the CLI's and the app's defaults once the model recommends guided beam search
+            continue
+        seen.append(same_best)
         best: list[list[dict]] = []
         tag_prob: list[float] = []
         for i in range(0, len(records), config.batch_size):
@@ -227,7 +232,7 @@ def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: f
             if "tag_prob" in names:
                 tag_prob += tag_probs(captioner.tagger, feats)
         good = np.array([scorer.score(r.id, tokenize(n[0]["caption"])) >= threshold for r, n in zip(records, best)])
-        out.append(Scored(setting, caption_features(best, tag_prob or None, names), good.astype(np.float64)))
+        out.append(Scored(decode.to_json(), caption_features(best, tag_prob or None, names), good.astype(np.float64)))
     return out
 
 
@@ -259,7 +264,7 @@ def calibrate(captioner: "Captioner", data_dir: Path, config: CalibrationConfig)
                 f"of leave-one-out human CIDEr-D on {config.split!r}",
         "threshold": round(threshold, 6), "human_quantile": config.human_quantile,
         "features": {n: FEATURES[n] for n in calibration.features}, "fitted_on": config.split, "data_dir": str(data_dir),
-        "settings": [captioner.decode_config(**s).to_json() for s in config.settings],
+        "settings": [s.setting for s in fit_on],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "bins": config.bins, "ece": ece}
     return calibration, curves
@@ -306,4 +311,5 @@ def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> Non
 def setting_name(setting: dict) -> str:
     """A decoding setting as people say it: "greedy", "beam 3, guided"."""
     d = DecodeConfig(**setting)
-    return f"{d.strategy}{f' {d.beam_size}' if d.strategy == 'beam' else ''}{', guided' if d.guide else ''}"
+    beam = f" {d.beam_size}" + (f" (length penalty {d.length_penalty})" if d.length_penalty else "")
+    return f"{d.strategy}{beam if d.strategy == 'beam' else ''}{', guided' if d.guide else ''}"

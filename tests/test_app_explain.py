@@ -39,7 +39,7 @@ def good_image() -> Path:
 
 def test_explain_api_gives_the_caption_and_a_word_per_map(app_server, good_image) -> None:
     caption, words, shown = client(app_server.url).predict(handle_file(str(good_image)), False, api_name="/explain")
-    expected = app_server.captioner.explain(str(good_image), strategy="beam", beam_size=3)
+    expected = app_server.captioner.explain(str(good_image), **load_app().EXPLAIN_OPTIONS, guide=False)
     assert caption == expected.caption
     assert [c[0] for c in words["choices"]] == expected.words and words["value"] == 0
     assert Path(shown["path"]).is_file()
@@ -54,7 +54,7 @@ def test_explain_bad_upload_is_a_clear_error(app_server, bad_image) -> None:
 def test_browser_clicking_a_word_shows_its_map(app_server, good_image) -> None:
     """Each click shows exactly that word's overlay (the PNG the browser loads, pixel for pixel)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright python package")
-    expected = app_server.captioner.explain(str(good_image), strategy="beam", beam_size=3, guide=True)
+    expected = app_server.captioner.explain(str(good_image), **load_app().EXPLAIN_OPTIONS, guide=True)
     overlays = [np.asarray(overlay(expected, i)) for i in range(len(expected.words))]
     assert len({o.tobytes() for o in overlays}) > 1  # the clicks must change the picture for this test to mean much
     with sync_api.sync_playwright() as p:

@@ -94,7 +94,9 @@ def test_calibrate_fits_on_val_and_writes_calibration_json(bundled_copy, tmp_pat
     assert f"wrote {model / CALIBRATION}" in capsys.readouterr().out
     calibration = read_calibration(model)
     assert calibration.info["fitted_on"] == "val" and set(calibration.info["ece"]) == {"val"}
-    assert [s["strategy"] for s in calibration.info["settings"]] == ["greedy", "beam"]
+    # fitted for the decoding users get: the model's decoding.json, which the app's default (guided beam) equals
+    default = Captioner.from_pretrained(model, device="cpu", calibrated=False).decode_config()
+    assert calibration.info["settings"] == [default.to_json()] and default.strategy == "beam" and default.guide
     assert all(row["images"] == 30 for row in calibration.info["ece"]["val"])
     photo = str(FLICKR8K / "images" / splits["val"].read_text().split()[0])
     nbest = Captioner.from_pretrained(model, device="cpu").caption(photo, strategy="beam", num_return=2)

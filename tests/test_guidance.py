@@ -102,13 +102,15 @@ def test_rare_vocabulary_words_are_not_tags():
 
 
 def test_bundled_model_names_the_cat_it_recognises():
-    """scikit-image's cat: plain beam search misses it; the head is sure enough it is a cat for guidance."""
+    """scikit-image's cat: plain beam search misses it; the head is sure enough it is a cat for guidance, and
+    the model's default decoding (its decoding.json) is guided."""
     cap = Captioner.from_pretrained()
     cat = skimage.data.chelsea()
     tags = cap.tags(cat)
     assert tags[0]["word"] == "cat" and tags[0]["prob"] > DecodeConfig().guide_threshold
-    assert "cat" not in cap.caption(cat, strategy="beam", beam_size=3).split()
+    assert "cat" not in cap.caption(cat, strategy="beam", beam_size=3, guide=False).split()
     assert "cat" in cap.caption(cat, strategy="beam", beam_size=3, guide=True).split()
+    assert "cat" in cap.caption(cat).split()
 
 
 def test_shipped_word_table_is_what_the_derivation_gives(tmp_path):

@@ -1,0 +1,114 @@
+"""Between caption and evaluation: the decoding a checkpoint recommends, chosen on a validation split.
+
+Why: beam width and length penalty move CIDEr-D as much as a training change does (the bundled model on
+Flickr8k val: beam 3 -> beam 5 with length penalty 0.8 is +2.3 CIDEr-D), and the best setting differs from
+model to model (self-critical training writes shorter captions than cross-entropy training). So, like Hugging
+Face's ``generation_config.json``, the choice lives in the checkpoint: ``decoding.json``, written by
+``captioner tune-decoding`` with the whole grid it measured, on a split that is never the test split. The API,
+the CLI, ``evaluate`` and the app then decode the way the model was measured unless told otherwise
+(``Captioner.decode_config``).
+
+The rule: the highest CIDEr-D (the captioning literature's consensus metric) among the grid's settings whose
+BLEU-4 is at least that of the grid's first one (plain beam search, the reference), so no setting is bought
+with a worse BLEU-4.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .decoding import DecodeConfig
+from .errors import CheckpointError, ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from .api import Captioner
+
+DECODING = "decoding.json"
+FORMAT = "captioner-decoding/1"
+# DecodeConfig fields a checkpoint may recommend: how to search, not what to return (num_return, seed stay the caller's)
+RECOMMENDABLE = ("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "guide", "guide_threshold")
+
+
+@dataclass
+class TuneConfig:
+    """The grid ``captioner tune-decoding`` searches; its first point (first width, first penalty) is the reference."""
+
+    split: str = "val"
+    beam_sizes: tuple[int, ...] = (3, 5)
+    length_penalties: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
+    guide: bool = False  # every setting guided (the app's default); needs the encoder's ImageNet head
+    batch_size: int = 250  # images decoded at once
+
+    def __post_init__(self) -> None:
+        if self.split == "test":
+            raise ConfigError("decoding is chosen on a validation split; the test split only reports the result")
+        if not self.beam_sizes or not self.length_penalties:
+            raise ConfigError("the grid needs at least one beam size and one length penalty")
+        for beam in self.beam_sizes:
+            DecodeConfig(strategy="beam", beam_size=beam)  # same checks as decoding itself
+        if any(a < 0 for a in self.length_penalties):
+            raise ConfigError(f"length penalties must be >= 0, got {self.length_penalties}")
+
+
+def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) -> dict:
+    """Decode ``config.split`` from the checkpoint's own feature cache with every setting of the grid and
+    return the ``decoding.json`` content: the chosen ``defaults``, the rule, and every row measured."""
+    from .evaluate import caption_split_from_cache, score
+    from .manifest import load_manifest, split_records
+
+    records = split_records(load_manifest(data_dir), config.split)
+    if not records:
+        raise DatasetError(f"{data_dir}: no images in split {config.split!r}")
+    rows = []
+    for beam in config.beam_sizes:
+        for alpha in config.length_penalties:
+            setting = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide}
+            failed: list[dict] = []
+            captions = caption_split_from_cache(captioner, data_dir, records, DecodeConfig(
+                **{"max_len": captioner.config.max_len, **setting}), config.batch_size, failed=failed)
+            scored = [r for r in records if r.id in captions]
+            metrics = score(scored, captions)
+            words = [c.split() for c in captions.values()]
+            rows.append({**setting, "bleu4": round(metrics["Bleu_4"], 5), "cider_d": round(metrics["CIDEr"], 5),
+                         "rouge_l": round(metrics["ROUGE_L"], 5), "distinct_words": len({w for c in words for w in c}),
+                         "mean_words": round(sum(map(len, words)) / len(words), 3), "images": len(scored)})
+    reference = rows[0]
+    chosen = max((r for r in rows if r["bleu4"] >= reference["bleu4"]), key=lambda r: r["cider_d"])
+    return {"format": FORMAT, "defaults": {k: chosen[k] for k in RECOMMENDABLE if k in chosen},
+            "rule": "highest CIDEr-D among settings with BLEU-4 >= the first setting's (plain beam search)",
+            "split": config.split, "data_dir": str(data_dir), "grid": asdict(config) | {"rows": rows},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def save_decoding(result: dict, directory: Path) -> Path:
+    """Write ``decoding.json`` into the checkpoint directory atomically."""
+    from .manifest import write_json_atomic
+    path = Path(directory) / DECODING
+    write_json_atomic(path, result)
+    return path
+
+
+def read_decoding(directory: Path) -> dict:
+    """The checkpoint's recommended decoding options (``{}`` when it has no ``decoding.json``); a file that is
+    not one, or whose options decoding would refuse, is an error naming it."""
+    path = Path(directory) / DECODING
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT:
+            raise ValueError(f'expected "format": "{FORMAT}"')
+        defaults = data["defaults"]
+        unknown = set(defaults) - set(RECOMMENDABLE)
+        if unknown:
+            raise ValueError(f"options a checkpoint cannot set: {sorted(unknown)}")
+        DecodeConfig(**defaults)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError,
+            ConfigError) as err:
+        raise CheckpointError(f"{path}: not a valid decoding recommendation ({type(err).__name__}: {err}); "
+                              f"delete it or re-create it with `captioner tune-decoding`") from None
+    return dict(defaults)
