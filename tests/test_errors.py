@@ -94,7 +94,8 @@ def test_an_absent_cuda_device_is_one_line(capsys, tmp_path):
 
 
 def test_invalid_decoding_options_are_one_line(capsys, tmp_path):
-    line = user_error(capsys, ["caption", str(tmp_path / "x.jpg"), "--device", "cpu", "--num-return", "2"])
+    line = user_error(capsys, ["caption", str(tmp_path / "x.jpg"), "--device", "cpu", "--strategy", "greedy",
+                               "--num-return", "2"])
     assert "greedy decoding returns one caption" in line
 
 
