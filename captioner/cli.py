@@ -388,7 +388,7 @@ def cmd_evaluate(args) -> int:
         print(f"warning: {summary['left_out_by_prepare_count']} image(s) of split {args.split!r} were left out by "
               f"`captioner prepare` and are not scored ({'; '.join(f'{n} {why}' for why, n in reasons.most_common(4))}; "
               f"listed in {args.data_dir / 'prepare_report.json'})", file=sys.stderr)
-    print(f"{summary['images']} images of split {args.split!r}" + (f", {config.strategy}" if config else "")
+    print(f"{summary['images']} images of split {args.split!r}" + (f", {config.describe()}" if config else "")
           + (f"; {summary['failed_count']} could not be captioned and are not scored" if summary["failed"] else ""))
     print(format_table(summary))
     if args.output:

@@ -310,6 +310,4 @@ def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> Non
 
 def setting_name(setting: dict) -> str:
     """A decoding setting as people say it: "greedy", "beam 3, guided"."""
-    d = DecodeConfig(**setting)
-    beam = f" {d.beam_size}" + (f" (length penalty {d.length_penalty})" if d.length_penalty else "")
-    return f"{d.strategy}{beam if d.strategy == 'beam' else ''}{', guided' if d.guide else ''}"
+    return DecodeConfig(**setting).describe()

@@ -57,6 +57,11 @@ class DecodeConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """The setting as people say it: "greedy", "beam 5 (length penalty 0.8), guided"."""
+        beam = f" {self.beam_size}" + (f" (length penalty {self.length_penalty})" if self.length_penalty else "")
+        return f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}"
+
 
 @dataclass
 class Hypothesis:
