@@ -444,6 +444,7 @@ def cmd_export(args) -> int:
 
 
 SCST_HELP = {"init_from": "checkpoint directory or bundled model name to start from",
+             "xe_weight": "add this times the cross-entropy of one training reference per image (keeps vocabulary)",
              "batch_size": "images per step", "samples": "sampled captions per image",
              "baseline": "mean of the image's other samples, or the greedy caption's reward",
              "val_beam": "beam width of the validation decoding",
