@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.captions import references  # noqa: E402
-from captioner.confidence import CalibrationConfig, setting_name  # noqa: E402
+from captioner.confidence import CalibrationConfig  # noqa: E402
 from captioner.features import FeatureCache, cache_dir  # noqa: E402
 from captioner.manifest import load_manifest, split_records  # noqa: E402
 from captioner.metrics import CiderD  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
         if config.num_return > 1:
             candidates["nbest_agreement"] = [agreement(n) for n in nbest]
             candidates["nbest_margin"] = [n[0]["logprob"] - n[1]["logprob"] for n in nbest]
-        name = setting_name(config.to_json())
+        name = config.describe()
         results[name] = {k: round(float(spearmanr(v, cider).statistic), 3) for k, v in candidates.items()}
         print(f"{args.split}, {name}: Spearman with CIDEr-D over {len(records)} images")
         for k, rho in results[name].items():

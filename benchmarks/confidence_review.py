@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioner.api import Captioner  # noqa: E402
-from captioner.confidence import CalibrationConfig, score_split, setting_name  # noqa: E402
+from captioner.confidence import CalibrationConfig, score_split  # noqa: E402
+from captioner.decoding import DecodeConfig  # noqa: E402
 from captioner.errors import CheckpointError  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main() -> None:
     for scored in score_split(cap, args.data_dir, args.split, calibration.info["threshold"], calibration.features,
                               config):
         conf = calibration.confidence(scored.x)
-        print(f"{args.split}, {setting_name(scored.setting)} ({len(conf)} images, {scored.good.mean():.0%} good):")
+        print(f"{args.split}, {DecodeConfig(**scored.setting).describe()} ({len(conf)} images, {scored.good.mean():.0%} good):")
         for t in args.thresholds:
             flagged = conf < t
             print(f"  --min-confidence {t}: flags {flagged.mean():.0%}; good among flagged "

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .confidence import CALIBRATION, Calibration, read_calibration
-from .tuning import DECODING, read_decoding
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, TrainingError, VocabError
+from .tuning import DECODING, read_decoding
 from .vocab import Vocab
 
 MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"

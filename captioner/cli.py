@@ -492,7 +492,8 @@ def _add_calibrate(sub) -> None:
 
 def cmd_calibrate(args) -> int:
     from captioner.api import Captioner, resolve_model
-    from captioner.confidence import CalibrationConfig, calibrate, plot_reliability, save_calibration, setting_name
+    from captioner.confidence import CalibrationConfig, calibrate, plot_reliability, save_calibration
+    from captioner.decoding import DecodeConfig
     directory = resolve_model(args.checkpoint)
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = CalibrationConfig(**_given(args, CALIBRATE_FLAGS))
@@ -500,7 +501,7 @@ def cmd_calibrate(args) -> int:
     print(f"good caption: {calibration.info['good']}")
     for split, rows in calibration.info["ece"].items():
         for row in rows:
-            print(f"{split}: {row['images']} images, {setting_name(row['setting'])}: ECE {row['ece']:.4f}, "
+            print(f"{split}: {row['images']} images, {DecodeConfig(**row['setting']).describe()}: ECE {row['ece']:.4f}, "
                   f"good {row['good_fraction']:.3f}, mean confidence {row['mean_confidence']:.3f}")
     print(f"wrote {save_calibration(calibration, directory)}")
     if args.plot:
@@ -545,8 +546,6 @@ def cmd_tune_decoding(args) -> int:
     directory = resolve_model(args.checkpoint)
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
-    if config.guide and not captioner.can_tag:
-        raise ConfigError(f"{directory}: --guide needs the encoder's ImageNet head, and this model has none")
     result = tune_decoding(captioner, args.data_dir, config)
     print(f"{'beam':>4} {'alpha':>5} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:

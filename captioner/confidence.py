@@ -293,7 +293,7 @@ def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> Non
             conf, good = c["confidence"], c["good"]
             which = np.minimum((conf * bins).astype(int), bins - 1)
             used = [b for b in range(bins) if (which == b).any()]
-            name = f"{split}, {setting_name(c['setting'])}"
+            name = f"{split}, {DecodeConfig(**c['setting']).describe()}"
             ece = expected_calibration_error(conf, good, bins)
             top.plot([conf[which == b].mean() for b in used], [good[which == b].mean() for b in used], marker="o",
                      linestyle="-" if split == next(iter(curves)) else "--", label=f"{name} (ECE {ece:.3f})")
@@ -306,8 +306,3 @@ def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> Non
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-
-
-def setting_name(setting: dict) -> str:
-    """A decoding setting as people say it: "greedy", "beam 3, guided"."""
-    return DecodeConfig(**setting).describe()

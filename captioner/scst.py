@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .api import Captioner, resolve_model
-from .captions import references
+from .captions import encode_captions, references
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoding import DecodeConfig, Hypothesis, decode
 from .errors import ConfigError, DatasetError, TrainingError
@@ -36,7 +36,6 @@ from .evaluate import caption_features, score
 from .features import FeatureCache, cache_dir
 from .manifest import load_manifest, split_records
 from .metrics import CiderD
-from .tokenizer import tokenize
 from .model import build_decoder
 from .views import draw_views, ensure_view_cache, open_view_cache, view_features
 from .vocab import SpecialIds
@@ -139,6 +138,10 @@ class ScstTrainer:
             self.val_features = cache.gather([r.id for r in self.val_records])
         self.view_of = torch.zeros(len(self.train_records), dtype=torch.long)  # view 0: the centre crop
         self.scorer = CiderD(references(self.train_records))
+        # the training captions as id rows, each image's contiguous: what ``reference_loss`` draws from
+        self.references = encode_captions(self.train_records, self.vocab, self.model_config.max_len)
+        self.caption_count = torch.bincount(self.references.pair_image, minlength=len(self.train_records))
+        self.first_caption = self.caption_count.cumsum(0) - self.caption_count
         self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=config.lr, weight_decay=0.0)
         specials = self.vocab.specials
         self.banned = [specials.pad, specials.start, specials.unk]  # what decode never samples (suppress_unk is on)
@@ -164,16 +167,13 @@ class ScstTrainer:
         return torch.tensor([self.scorer.score(i, self.vocab.decode(h.tokens)) for i, h in zip(image_ids, hyps)])
 
     def reference_loss(self, index: torch.Tensor, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Cross-entropy per token of one training reference per image, drawn with ``generator`` (teacher
-        forcing, <unk> included as in cross-entropy training); the ``xe_weight`` term."""
-        max_len, specials = self.model_config.max_len, self.vocab.specials
-        picks = torch.randint(0, 2**31 - 1, (len(index),), generator=generator).tolist()
-        refs = [self.train_records[i].captions for i in index.tolist()]
-        hyps = [Hypothesis(self.vocab.encode(tokenize(r[p % len(r)]))[1:-1][:max_len], 0.0, 0.0)  # words only
-                for r, p in zip(refs, picks)]
-        logp = sequence_logprob(self.decoder, feats, sampled_tokens(hyps, max_len, specials).to(self.device),
-                                specials.pad, [])  # (B,)
-        return -logp.sum() / sum(len(h.tokens) + 1 for h in hyps)
+        """Cross-entropy per token of one training reference per image, drawn with ``generator``: the
+        cross-entropy training's own loss on the captions it encoded (``encode_captions``); the ``xe_weight`` term."""
+        refs = self.references
+        picks = torch.randint(0, 2**31 - 1, (len(index),), generator=generator)
+        rows = self.first_caption[index] + picks % self.caption_count[index]  # (B,) rows of refs.tokens
+        logp = sequence_logprob(self.decoder, feats, refs.tokens[rows].to(self.device), self.vocab.specials.pad, [])
+        return -logp.sum() / (refs.lengths[rows] - 1).sum().to(self.device)  # targets: every token after <start>
 
     def step(self, index: torch.Tensor, generator: torch.Generator) -> dict:
         """One SCST update on the images ``index`` (into the train split)."""
