@@ -14,6 +14,7 @@ against the targets. Results go to ``benchmarks/results/<device>.json`` and a Ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import atexit
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -72,6 +74,7 @@ class Budget:
     latency_calls: int
     recompute_steps: int
     stream_batch: int = 32  # also the encoder's large batch
+    camera_images: int = 0  # camera-photo passes: this many paths (0: stream_images)
     train_batch: int = TrainConfig.batch_size
 
 
@@ -318,6 +321,17 @@ def bench_stream(cap: Captioner, paths: list[str], config: DecodeConfig, workers
             "mean_caption_words": statistics.fmean(lengths), **mem.result}
 
 
+@contextlib.contextmanager
+def eager_float(cap: Captioner) -> Iterator[None]:
+    """The GPU path as it was before uint8 pixels and CUDA graphs (``Captioner.device_pixels``, ``.graphs``)."""
+    saved = cap.device_pixels, cap.graphs
+    cap.device_pixels = cap.graphs = False
+    try:
+        yield
+    finally:
+        cap.device_pixels, cap.graphs = saved
+
+
 def bench_latency(cap: Captioner, paths: list[str], budget: Budget) -> dict:
     """(3) one greedy ``Captioner.caption(path)`` call per image; p50/p95 over distinct files. Greedy, not the
     model's recommended decoding, so the number compares across models and with the earlier runs; what the
@@ -335,16 +349,18 @@ def camera_photos(paths: list[str], distinct: int, long_side: int = 4000, qualit
     in a temporary folder removed at exit; the list cycles over them like ``paths`` cycles its files."""
     out = Path(tempfile.mkdtemp(prefix="captioner-bench-camera-"))
     atexit.register(shutil.rmtree, out, True)
-    made = []
-    for i, src in enumerate(dict.fromkeys(paths).keys()):
-        if i == distinct:
-            break
+
+    def make(i: int, src: str) -> str:
         with Image.open(src) as img:
             img = img.convert("RGB")
             scale = long_side / max(img.size)
             img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-        made.append(str(out / f"camera_{i:03d}.jpg"))
-        img.save(made[-1], quality=quality)
+        img.save(out / f"camera_{i:03d}.jpg", quality=quality)
+        return str(out / f"camera_{i:03d}.jpg")
+
+    sources = list(dict.fromkeys(paths))[:distinct]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # Pillow resizes and encodes without the GIL
+        made = list(pool.map(make, range(len(sources)), sources))
     return ((made * (len(paths) // len(made) + 1))[: len(paths)],
             f"{len(made)} photos upscaled to {long_side} px long side, q{quality} ({out})")
 
@@ -364,8 +380,8 @@ def bench_camera(cap: Captioner, paths: list[str], workers: int, budget: Budget)
     The camera ``stream`` passes alternate with passes over the Flickr8k-size originals they were made from
     (order swapped every round), so both see the same machine load; the ratio is the median of the rounds'
     ratios. Large JPEGs are decoded at a reduced DCT scale (``load_image``'s ``min_side``)."""
-    config, flickr = cap.decode_config(strategy="greedy"), paths[: budget.stream_images]
-    camera, source = camera_photos(flickr, distinct=max(4, budget.stream_images // 12))
+    config, flickr = cap.decode_config(strategy="greedy"), paths[: budget.camera_images or budget.stream_images]
+    camera, source = camera_photos(flickr, distinct=max(4, len(flickr) // 12))
     warm_page_cache(camera)
     print(f"# camera photos: {source}")
     for subset in (flickr, camera):  # warm-up
@@ -513,10 +529,13 @@ def table(report: dict) -> str:
         rows.append(f"| (2) `stream` {key}, batch {res['batch']}, {res['workers']} workers | "
                     f"{res['images_per_s']:.1f} img/s ({res['mean_caption_words']:.1f} words/caption) | "
                     f"{verdict(names.get(key, ''))} | {_mem(res)} |")
-    if "latency" in r:
-        res = r["latency"]
-        rows.append(f"| (3) `caption(path)` latency | p50 {res['p50_s'] * 1e3:.1f} ms, p95 {res['p95_s'] * 1e3:.1f} ms | "
-                    f"{verdict('latency_p50_vs_encoder_b1')} | {_mem(res)} |")
+    for key in ("latency", "latency float pixels, no graphs"):
+        if key in r:
+            res = r[key]
+            label = key.removeprefix("latency").strip()
+            rows.append(f"| (3) `caption(path)` latency{', ' + label if label else ''} | p50 {res['p50_s'] * 1e3:.1f} ms, "
+                        f"p95 {res['p95_s'] * 1e3:.1f} ms | {verdict('latency_p50_vs_encoder_b1') if not label else ''} "
+                        f"| {_mem(res)} |")
     if "camera" in r:
         cam, res = r["camera"], r["camera"]["stream"]
         rows.append(f"| (5) camera photos ({cam['images'].split(' (')[0]}) `stream` greedy, batch {res['batch']}, "
@@ -534,7 +553,7 @@ def table(report: dict) -> str:
                         f"| {_mem(res)} |")
     head = (f"{'QUICK (not comparable) — ' if report['quick'] else ''}{m['device']}, {m['cpu']}, {m['cores']} cores, "
             f"torch {m['torch']} with {m['torch_threads']} threads{', ' + m['gpu'] if 'gpu' in m else ''}, "
-            f"precision {report['precision']}; "
+            f"precision {report['precision']}{', CUDA graphs' if report.get('cuda_graphs') else ''}; "
             f"checkpoint `{report['checkpoint']}`; images: {report['images']}; load average at start "
             f"{m['load_avg_start']:.2f}; {report['date']}.")
     if m["load_avg_start"] > 0.5 * m["cores"]:
@@ -568,6 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--only", default="encoder,stream,latency,camera,training", help="comma-separated subset")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--stream-images", type=int, default=None,
+                        help="paths per stream pass (default 384; a GPU needs >= 4,000 so start-up does not hide it)")
+    parser.add_argument("--stream-batch", type=int, default=None, help="stream's encoder batch (default 32)")
+    parser.add_argument("--camera-images", type=int, default=None,
+                        help="paths per camera-photo pass (default: --stream-images); a twelfth of them are made")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="Captioner.graphs: the encoder on few images and greedy decoding from CUDA graphs")
     parser.add_argument("--seconds", type=float, default=None,
                         help="minimum seconds per timing loop (default 10; fewer suffice on a GPU)")
     parser.add_argument("--readme", type=Path, default=None,
@@ -576,16 +602,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget, only = (QUICK if args.quick else FULL), set(args.only.split(","))
-    if args.seconds is not None:
-        budget = dataclasses.replace(budget, seconds=args.seconds)
+    overrides = {"seconds": args.seconds, "stream_images": args.stream_images, "stream_batch": args.stream_batch,
+                 "camera_images": args.camera_images}
+    budget = dataclasses.replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     checkpoint = synthetic_checkpoint() if args.checkpoint == "synthetic" else Path(args.checkpoint or default_checkpoint())
     if not checkpoint.is_dir():
         parser.error(f"{checkpoint}: no checkpoint; pass --checkpoint DIR (e.g. a run's best/) or --checkpoint synthetic")
     cap = Captioner.from_pretrained(checkpoint, device=args.device)
+    cap.graphs = args.cuda_graphs and cap.device.type == "cuda"
     device, size = cap.device, cap.config.encoder.image_size
     paths, source = image_paths(args.images, max(budget.stream_images, budget.train_batch * (budget.recompute_steps + 1)))
     warm_page_cache(paths)
-    report: dict = {"quick": args.quick, "checkpoint": "synthetic (untrained)" if args.checkpoint == "synthetic" else str(checkpoint),
+    report: dict = {"quick": args.quick, "cuda_graphs": cap.graphs, "checkpoint": "synthetic (untrained)" if args.checkpoint == "synthetic" else str(checkpoint),
                     "encoder": cap.config.encoder.name, "precision": cap.precision, "images": source,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "budget": asdict(budget), "machine": machine(device),
                     "results": {}}
@@ -622,12 +650,22 @@ def main(argv: list[str] | None = None) -> int:
                             ("sample", cap.decode_config(strategy="sample", seed=0))):
             stream[key] = bench_stream(cap, paths[: budget.stream_images], config, args.workers, budget)
             show(f"stream {key}", stream[key])
+        if device.type == "cuda":  # the path before uint8 pixels and CUDA graphs, in the same run
+            with eager_float(cap):
+                stream["greedy float pixels, no graphs"] = bench_stream(cap, paths[: budget.stream_images],
+                                                                       cap.decode_config(strategy="greedy"),
+                                                                       args.workers, budget)
+            show("stream greedy float pixels, no graphs", stream["greedy float pixels, no graphs"])
         ratios["stream_greedy_vs_encoder"] = stream["greedy"]["images_per_s"] / base_big["images_per_s"]
         ratios["stream_beam3_vs_encoder"] = stream["beam3"]["images_per_s"] / base_big["images_per_s"]
     if "latency" in only:
         results["latency"] = bench_latency(cap, paths, budget)
         show("latency", results["latency"])
         ratios["latency_p50_vs_encoder_b1"] = results["latency"]["p50_s"] / base_b1["median_s"]
+        if device.type == "cuda":
+            with eager_float(cap):
+                results["latency float pixels, no graphs"] = bench_latency(cap, paths, budget)
+            show("latency float pixels, no graphs", results["latency float pixels, no graphs"])
     if "camera" in only:
         results["camera"] = bench_camera(cap, paths, args.workers, budget)
         show("camera", results["camera"])

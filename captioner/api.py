@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_checkpoint
 from .confidence import Calibration, add_confidence, tag_probs
 from .config import ModelConfig
-from .decoding import DecodeConfig, Hypothesis, decode
+from .decoding import DecodeConfig, Hypothesis, decode, finish_static, greedy_static
 from .encoder import Encoder
 from .errors import CheckpointError
 from .explain import Explanation, GradCam, explain_image
 from .features import ImageFiles, collate_images
 from .fetch import FetchConfig
+from .graphs import GraphedCall
 from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
@@ -35,6 +36,12 @@ BUNDLED = "flickr8k-mobilenet_v2-lstm"
 MODELS = {"fast": BUNDLED}  # names for ``from_pretrained``, ``--checkpoint`` and the app's picker
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # pip install .: the wheel ships them here
 REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # a source tree or pip install -e .
+#: rows up to which the encoder runs from a CUDA graph (``captioner/graphs.py``): requests of a few photos,
+#: whose time is mostly kernel launches; larger batches keep the GPU busy without one and would only hold
+#: the graph's activation memory.
+ENCODER_GRAPH_ROWS = 8
+#: rows up to which greedy decoding runs from a CUDA graph: ``stream`` decodes its pooled batches at once.
+DECODER_GRAPH_ROWS = 1024
 
 
 def bundled_checkpoints() -> Path:
@@ -86,6 +93,14 @@ class Captioner:
         self.decoding = dict(decoding or {})  # the checkpoint's recommended decoding options (captioner/tuning.py)
         self.preprocess = config.encoder.preprocess
         self.fetch = FetchConfig()  # how image URLs are fetched; private addresses need FetchConfig(allow_private=True)
+        # On a GPU uint8 pixels cross to the device, which normalises them (``Preprocess.to_uint8``). With
+        # ``graphs`` the encoder on few images and greedy decoding replay CUDA graphs (``captioner/graphs.py``):
+        # opt-in until a lent GPU has measured it (benchmarks/README.md). Plain attributes, so that a caller
+        # (or a test on a CPU, where the graphs run uncaptured) can switch them.
+        self.device_pixels = self.device.type == "cuda"
+        self.graphs = False
+        self._moments = self.preprocess.moments(self.device)
+        self._graphed: dict[tuple, GraphedCall] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "auto",
@@ -113,9 +128,36 @@ class Captioner:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels -> (B, D) float32 features."""
-        with autocast(self.precision, self.device):
-            return self.encoder.encode(pixels.to(self.device, non_blocking=True)).float()
+        """(B, 3, H, W) preprocessed pixels -> (B, D) float32 features; uint8 pixels (``Preprocess.to_uint8``)
+        are normalised on the device."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.graphs:
+            return self._graph(("encoder",), self._encode, ENCODER_GRAPH_ROWS)(pixels)[0]
+        return self._encode(pixels)[0]
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        with autocast(self.precision, self.device, cache=False):
+            if pixels.dtype == torch.uint8:
+                pixels = self.preprocess.normalise_batch(pixels, self._moments)
+            return (self.encoder.encode(pixels).float(),)
+
+    def _graph(self, key: tuple, fn, max_rows: int) -> GraphedCall:
+        if key not in self._graphed:
+            self._graphed[key] = GraphedCall(fn, max_rows)
+        return self._graphed[key]
+
+    def _greedy(self, features: torch.Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+        """Greedy decoding from one CUDA graph per setting of what it records (``decoding.greedy_static``)."""
+        recorded = DecodeConfig(max_len=config.max_len, suppress_unk=config.suppress_unk,
+                                no_repeat_ngram=config.no_repeat_ngram)
+        specials = self.vocab.specials
+
+        def run(feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with autocast(self.precision, self.device, cache=False):
+                return greedy_static(self.decoder, feats, recorded, specials)
+
+        key = ("greedy", recorded.max_len, recorded.suppress_unk, recorded.no_repeat_ngram)
+        return finish_static(*self._graph(key, run, DECODER_GRAPH_ROWS)(features), config, specials)
 
     @property
     def can_tag(self) -> bool:
@@ -136,8 +178,11 @@ class Captioner:
         constraints = None
         if config.guide:
             constraints = self.tagger.constraints(features, config.guide_threshold, self.vocab.index)
-        with autocast(self.precision, self.device):
-            hyps = decode(self.decoder, features, config, self.vocab.specials, constraints)
+        if config.strategy == "greedy" and self.graphs:
+            hyps = self._greedy(features, config)
+        else:
+            with autocast(self.precision, self.device):
+                hyps = decode(self.decoder, features, config, self.vocab.specials, constraints)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if self.calibration is not None:
             tag_prob = None
@@ -192,7 +237,8 @@ class Captioner:
         """Images -> (B, D) encoder features: the one load + preprocess + encode of in-memory requests.
         URLs are fetched under ``fetch`` (default ``self.fetch``; the app passes its own, never private)."""
         pre, fetch = self.preprocess, fetch or self.fetch
-        pixels = torch.stack([pre(load_image(src, pre.min_side, fetch)) for src in images])  # (B, 3, H, W)
+        convert = pre.to_uint8 if self.device_pixels else pre
+        pixels = torch.stack([convert(load_image(src, pre.min_side, fetch)) for src in images])  # (B, 3, H, W)
         return self.encode(pixels)
 
     def stream(self, paths: Sequence[str], config: DecodeConfig, batch_size: int = 32, workers: int = 2,
@@ -204,12 +250,13 @@ class Captioner:
         mostly fixed per call (32 rows: ~40 GFLOP/s, 256 rows: ~90 on 2 cores), so pooling the
         features of several encoder batches halves the decoder's share of the time; the encoder gains
         nothing from larger batches and would only need more memory.
-        On a CPU, ``workers`` is capped by the cores torch's threads leave free (``loader_workers``).
+        On a CPU, ``workers`` is capped by the cores torch's threads leave free (``loader_workers``). On a GPU
+        the workers hand over uint8 pixels, pinned, that the device normalises (``device_pixels``).
         Unusable files come back as results with ``error`` set; the rest goes on.
         """
         workers = loader_workers(workers, self.device)
-        loader = DataLoader(ImageFiles(list(paths), self.preprocess, fetch=self.fetch), batch_size=batch_size,
-                            num_workers=workers,
+        loader = DataLoader(ImageFiles(list(paths), self.preprocess, fetch=self.fetch, uint8=self.device_pixels),
+                            batch_size=batch_size, num_workers=workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if workers else None)
         done: dict[int, ImageResult] = {}  # results of the pooled batches, decoded or failed

@@ -182,6 +182,44 @@ def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfi
     return [sorted(g, key=lambda h: -h.score) for g in groups]
 
 
+def greedy_static(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
+                  specials: SpecialIds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy decoding with static shapes and no host synchronisation, so that it can be recorded as one CUDA
+    graph (``captioner/graphs.py``): every row runs every one of the ``max_len`` steps on the whole batch.
+    The answers are ``_sample``'s: a finished row may only continue with ``<pad>`` at no cost, so the extra
+    steps add nothing, and a row's numbers do not depend on the other rows.
+
+    (B, D) features -> tokens (B, max_len) ending in ``<end>`` then ``<pad>``, logprob (B,), length (B,);
+    ``finish_static`` turns them into hypotheses.
+    """
+    n, device = features.shape[0], features.device
+    state = decoder.init_state(features)
+    prev = torch.full((n,), specials.start, dtype=torch.long, device=device)
+    history = torch.full((n, config.max_len), specials.pad, dtype=torch.long, device=device)
+    logprob = torch.zeros(n, device=device)
+    length = torch.zeros(n, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    for t in range(config.max_len):
+        logp, state = _step(decoder, prev, state)
+        logp = _ban(logp, history[:, :t], config, specials)
+        pad = logp[:, specials.pad].masked_fill(finished, 0.0)  # _freeze_finished without its branch
+        logp = logp.masked_fill(finished[:, None], float("-inf"))
+        logp[:, specials.pad] = pad
+        nxt = logp.argmax(-1)
+        logprob += logp.gather(1, nxt[:, None])[:, 0]
+        length += (~finished).long()
+        finished |= nxt == specials.end
+        history[:, t] = nxt
+        prev = nxt
+    return history, logprob, length
+
+
+def finish_static(tokens: torch.Tensor, logprob: torch.Tensor, length: torch.Tensor, config: DecodeConfig,
+                  specials: SpecialIds) -> list[list[Hypothesis]]:
+    """``greedy_static``'s tensors -> per image its one hypothesis, as ``decode`` returns it."""
+    return [[h] for h in _finish(tokens, logprob, _penalised(logprob, length, config.length_penalty), specials)]
+
+
 def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Sample one token per row after temperature, top-k and top-p (nucleus) filtering."""
     logits = logp / config.temperature

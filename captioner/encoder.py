@@ -88,8 +88,31 @@ class Preprocess:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, crop, crop) float tensor."""
+        return self.normalise(self.cropped(img))
+
+    def cropped(self, img: Image.Image) -> Image.Image:
+        """The resize and centre crop, still 8-bit RGB."""
         img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
-        return self.normalise(TF.center_crop(img, [self.crop, self.crop]))
+        return TF.center_crop(img, [self.crop, self.crop])
+
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, crop, crop) uint8 tensor: ``__call__`` without its normalisation, which
+        ``normalise_batch`` then does on the device. Why: on a GPU the float conversion in the loader's workers
+        and the float32 host-to-device copy (600 KB an image against 150 KB) were the pipeline's wall."""
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(self.cropped(img), dtype=np.uint8).transpose(2, 0, 1)))
+
+    def moments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as (3, 1, 1) float32 tensors on ``device``, for ``normalise_batch``. Made once
+        by the caller: a tensor built from Python numbers is a host-to-device copy, which a CUDA graph
+        cannot record."""
+        return tuple(torch.tensor(v, dtype=torch.float32, device=device)[:, None, None] for v in (self.mean, self.std))
+
+    @staticmethod
+    def normalise_batch(pixels: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, 3, H, W) uint8 pixels on any device -> normalised float32 with ``moments()``: the same float32
+        operations, in the same order, as ``normalise`` (so the same values)."""
+        mean, std = moments
+        return (pixels.float() / 255.0 - mean) / std
 
     def normalise(self, img: Image.Image) -> torch.Tensor:
         """Cropped RGB PIL image -> (3, H, W) normalised float tensor (also for training views)."""

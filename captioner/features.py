@@ -45,20 +45,22 @@ class ImageFiles(Dataset):
     Large JPEGs are decoded at the smallest DCT scale that still covers ``preprocess.min_side``
     (``load_image``'s ``min_side``); ``full_decode=True`` decodes every pixel (for comparisons only:
     on the bundled model's Flickr8k test split both give the same captions, see benchmarks/README.md).
-    An http(s) URL among ``paths`` is downloaded under ``fetch``.
+    An http(s) URL among ``paths`` is downloaded under ``fetch``. ``uint8=True`` returns the cropped pixels
+    unnormalised (``Preprocess.to_uint8``) for a device that normalises them itself (``Captioner.encode``).
     """
 
     def __init__(self, paths: list[str], preprocess: Preprocess, full_decode: bool = False,
-                 fetch: FetchConfig = FetchConfig()) -> None:
+                 fetch: FetchConfig = FetchConfig(), uint8: bool = False) -> None:
         self.paths, self.preprocess, self.fetch = paths, preprocess, fetch
         self.min_side = None if full_decode else preprocess.min_side
+        self.pixels = preprocess.to_uint8 if uint8 else preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.preprocess(load_image(self.paths[i], self.min_side, self.fetch)), None
+            return i, self.pixels(load_image(self.paths[i], self.min_side, self.fetch)), None
         except ImageLoadError as err:
             return i, None, str(err)
 

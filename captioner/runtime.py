@@ -34,12 +34,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def autocast(precision: str, device: torch.device):
-    """Mixed-precision context for the forward pass (a no-op for fp32)."""
+def autocast(precision: str, device: torch.device, cache: bool = True):
+    """Mixed-precision context for the forward pass (a no-op for fp32). ``cache=False`` re-casts the weights
+    at every use instead of caching the casts, as code recorded in a CUDA graph must (``captioner/graphs.py``)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def loader_workers(requested: int, device: torch.device) -> int:
