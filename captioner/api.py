@@ -6,6 +6,7 @@ batch command, the evaluation command and the Gradio app all go through it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import asdict, dataclass
@@ -17,10 +18,11 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
 from .confidence import Calibration, add_confidence, tag_probs
+from .consensus import ConsensusIndex
 from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode, finish_static, greedy_static
 from .encoder import Encoder
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .explain import Explanation, GradCam, explain_image
 from .features import ImageFiles, collate_images
 from .fetch import FetchConfig
@@ -83,7 +85,7 @@ class Captioner:
 
     def __init__(self, encoder: Encoder, decoder: CaptionDecoder | EnsembleDecoder, vocab: Vocab, config: ModelConfig,
                  device: str = "auto", precision: str = "auto", calibration: Calibration | None = None,
-                 decoding: dict | None = None) -> None:
+                 decoding: dict | None = None, consensus: ConsensusIndex | None = None) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.encoder = encoder.for_inference(self.device)
@@ -91,6 +93,7 @@ class Captioner:
         self.vocab, self.config = vocab, config
         self.calibration = calibration  # None: captions carry no "confidence" (captioner/confidence.py)
         self.decoding = dict(decoding or {})  # the checkpoint's recommended decoding options (captioner/tuning.py)
+        self.consensus = consensus  # training photos' captions for consensus reranking (captioner/consensus.py)
         self.preprocess = config.encoder.preprocess
         self.fetch = FetchConfig()  # how image URLs are fetched; private addresses need FetchConfig(allow_private=True)
         # On a GPU uint8 pixels cross to the device, which normalises them (``Preprocess.to_uint8``). With
@@ -115,7 +118,7 @@ class Captioner:
             raise CheckpointError(f"{loaded.directory}/model.safetensors: decoder tensors do not match "
                                   f"config.json: {str(err)[:300]}") from None
         return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision, loaded.calibration,
-                   loaded.decoding)
+                   loaded.decoding, loaded.consensus)
 
     def decode_config(self, **options) -> DecodeConfig:
         """Decoding options over this model's defaults: its caption length as ``max_len`` and, unless
@@ -178,12 +181,19 @@ class Captioner:
         constraints = None
         if config.guide:
             constraints = self.tagger.constraints(features, config.guide_threshold, self.vocab.index)
+        if config.consensus and self.consensus is None:
+            raise ConfigError("consensus reranking needs the checkpoint's consensus index: build it from your "
+                              "training data with `captioner consensus-index DATA --checkpoint CHECKPOINT`")
         if config.strategy == "greedy" and self.graphs:
             hyps = self._greedy(features, config)
         else:
+            search = dataclasses.replace(config, num_return=config.beam_size) if config.consensus else config
             with autocast(self.precision, self.device):
-                hyps = decode(self.decoder, features, config, self.vocab.specials, constraints)
+                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
+        if config.consensus:
+            nbest = [n[:config.num_return] for n in self.consensus.rerank(nbest, features, config.consensus,
+                                                                          config.consensus_weight)]
         if self.calibration is not None:
             tag_prob = None
             if "tag_prob" in self.calibration.features:

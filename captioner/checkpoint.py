@@ -24,6 +24,7 @@ from .confidence import CALIBRATION, Calibration, read_calibration
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, TrainingError, VocabError
+from .consensus import ConsensusIndex, read_index
 from .tuning import DECODING, read_decoding
 from .vocab import Vocab
 
@@ -41,6 +42,7 @@ class Loaded:
     directory: Path
     calibration: Calibration | None = None  # calibration.json (``captioner calibrate``), when the directory has one
     decoding: dict = field(default_factory=dict)  # decoding.json's recommended options (``captioner tune-decoding``)
+    consensus: ConsensusIndex | None = None  # consensus.json + .safetensors (``captioner consensus-index``)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -119,18 +121,23 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               "captioner never unpickles checkpoint files") from None
 
 
-def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
-    """Config, vocabulary, decoder tensors and a ready encoder from a checkpoint directory, and its calibration
-    unless ``calibrated`` is False (``captioner calibrate`` replaces it, so a broken one must not stop it)."""
-    directory = Path(directory)
+def read_model_config(directory: Path) -> ModelConfig:
+    """A checkpoint directory's ``config.json`` alone (no tensors, no side files)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     raw = _read_json(directory / CONFIG)
     raw.pop("format", None)
     try:
-        config = ModelConfig.from_json(raw)
+        return ModelConfig.from_json(raw)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{directory / CONFIG}: invalid config ({err})") from None
+
+
+def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
+    """Config, vocabulary, decoder tensors and a ready encoder from a checkpoint directory, and its calibration
+    unless ``calibrated`` is False (``captioner calibrate`` replaces it, so a broken one must not stop it)."""
+    directory = Path(directory)
+    config = read_model_config(directory)
     try:
         vocab = Vocab.load(directory / VOCAB)
     except VocabError as err:
@@ -157,7 +164,8 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
     if calibration is not None and "tag_prob" in calibration.features and encoder.head is None:
         raise CheckpointError(f"{directory / CALIBRATION}: uses tag_prob, but the encoder has no ImageNet head; "
                               "re-create it with `captioner calibrate`")
-    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, read_decoding(directory))
+    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, read_decoding(directory),
+                  read_index(directory, config.encoder))
 
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

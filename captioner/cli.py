@@ -216,13 +216,17 @@ def cmd_train(args) -> int:
 
 
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
-                "no_repeat_ngram", "seed", "guide", "guide_threshold")  # DecodeConfig fields given as flags
+                "no_repeat_ngram", "seed", "guide", "guide_threshold", "consensus",
+                "consensus_weight")  # DecodeConfig fields given as flags
 DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
                            "tune-decoding`), whose settings also fill the beam flags left out",
                "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
                "seed": "seed for --strategy sample",
                "guide": "beam only: the caption must name what the CNN's ImageNet head recognises (constrained beam)",
-               "guide_threshold": "probability a recognised object needs before --guide requires its word"}
+               "guide_threshold": "probability a recognised object needs before --guide requires its word",
+               "consensus": "beam only: rerank the beam's captions by their CIDEr-D against the captions of this many "
+                            "nearest training photos (needs `captioner consensus-index`; 0: off)",
+               "consensus_weight": "weight of the model's own score beside the --consensus agreement"}
 
 
 def _add_decode_args(p) -> None:
@@ -574,12 +578,38 @@ def cmd_explain(args) -> int:
     print(f"wrote {args.output}")
     return 0
 
+def _add_consensus_index(sub) -> None:
+    p = sub.add_parser("consensus-index", help="index a training split for --consensus reranking; writes "
+                                               "CHECKPOINT/consensus.{json,safetensors}",
+                       description="Stores the split's cached features (the checkpoint's own encoder: run `captioner "
+                                   "features` first) and its captions beside the checkpoint (captioner/consensus.py). "
+                                   "The index holds the dataset's captions: build it into your own checkpoint "
+                                   "directory; a bundled model is refused.")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory to add the index to")
+    p.add_argument("--split", default="train", help="the split whose photos and captions are indexed (not test)")
+
+
+def cmd_consensus_index(args) -> int:
+    from captioner.api import bundled_checkpoints, resolve_model
+    from captioner.checkpoint import read_model_config
+    from captioner.consensus import build_index, save_index
+    directory = resolve_model(args.checkpoint).resolve()
+    if directory.parent == bundled_checkpoints().resolve():
+        raise ConfigError(f"{directory}: a bundled model ships no dataset captions; copy it (cp -r) and index the copy")
+    # config.json alone: an existing index, even a broken one, is about to be replaced, not read
+    index = build_index(read_model_config(directory).encoder, args.data_dir, args.split)
+    print(f"wrote {save_index(index, directory)} ({len(index.captions)} photos of split {args.split!r})")
+    return 0
+
+
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
             "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, cmd_gradflow),
             "export": (_add_export, cmd_export), "report": (_add_report, cmd_report), "scst": (_add_scst, cmd_scst),
             "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain),
-            "tune-decoding": (_add_tune_decoding, cmd_tune_decoding)}
+            "tune-decoding": (_add_tune_decoding, cmd_tune_decoding),
+            "consensus-index": (_add_consensus_index, cmd_consensus_index)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,11 @@ class DecodeConfig:
     # with at least this probability, when the vocabulary has a word for it (``captioner/guidance.py``).
     guide: bool = False
     guide_threshold: float = 0.7  # chosen on Flickr8k val (MODEL_CARD.md): 0.3-0.9 all beat unguided
+    # Consensus reranking (beam only): order the beam's captions by their mean CIDEr-D against the captions of
+    # this many nearest training photos, plus ``consensus_weight`` x the model's score (``captioner/consensus.py``;
+    # needs the checkpoint's consensus index). 0: off.
+    consensus: int = 0
+    consensus_weight: float = 0.1
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -51,6 +56,10 @@ class DecodeConfig:
             raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram >= 0")
         if self.guide and self.strategy != "beam":
             raise ConfigError("guided decoding is a constrained beam search: use it with strategy 'beam'")
+        if self.consensus < 0 or self.consensus_weight < 0:
+            raise ConfigError("need consensus >= 0 (neighbours; 0: off) and consensus_weight >= 0")
+        if self.consensus and self.strategy != "beam":
+            raise ConfigError("consensus reranking reorders a beam's captions: use it with strategy 'beam'")
         if not 0 < self.guide_threshold <= 1:
             raise ConfigError(f"guide_threshold must be in (0, 1], got {self.guide_threshold}")
 
@@ -60,7 +69,8 @@ class DecodeConfig:
     def describe(self) -> str:
         """The setting as people say it: "greedy", "beam 5 (length penalty 0.8), guided"."""
         beam = f" {self.beam_size}" + (f" (length penalty {self.length_penalty})" if self.length_penalty else "")
-        return f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}"
+        consensus = f", consensus of {self.consensus} neighbours (weight {self.consensus_weight})" if self.consensus else ""
+        return f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{consensus}"
 
 
 @dataclass
