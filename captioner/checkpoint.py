@@ -24,6 +24,8 @@ from .confidence import CALIBRATION, Calibration, read_calibration
 from .config import ModelConfig
 from .encoder import PACKAGED_WEIGHTS, Encoder, EncoderConfig, build_encoder
 from .errors import CheckpointError, TrainingError, VocabError
+from .consensus import INDEX as CONSENSUS_INDEX
+from .consensus import TENSORS as CONSENSUS_TENSORS
 from .consensus import ConsensusIndex, read_index
 from .tuning import DECODING, read_decoding
 from .vocab import Vocab
@@ -164,8 +166,12 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
     if calibration is not None and "tag_prob" in calibration.features and encoder.head is None:
         raise CheckpointError(f"{directory / CALIBRATION}: uses tag_prob, but the encoder has no ImageNet head; "
                               "re-create it with `captioner calibrate`")
-    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, read_decoding(directory),
-                  read_index(directory, config.encoder))
+    decoding, consensus = read_decoding(directory), read_index(directory, config.encoder)
+    if decoding.get("consensus") and consensus is None:
+        raise CheckpointError(f"{directory / DECODING}: recommends consensus reranking, but the directory has no "
+                              f"{CONSENSUS_INDEX}; build it with `captioner consensus-index` or re-run `captioner "
+                              "tune-decoding`")
+    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, decoding, consensus)
 
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -268,9 +274,10 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
     weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied
     unless training tuned it: the checkpoint holds the decoder, and loading rebuilds the encoder from the
     package, hash-checked.
-    One source's ``calibration.json`` and ``decoding.json`` come along (storage precision moves
-    log-probabilities by far less than the calibration's resolution); an ensemble's captions differ from each
-    member's, so it gets neither and needs ``captioner calibrate`` and ``captioner tune-decoding``."""
+    One source's ``calibration.json``, ``decoding.json`` and consensus index come along (storage precision moves
+    log-probabilities by far less than the calibration's resolution; the index holds the user's dataset captions,
+    and a decoding that recommends it needs it); an ensemble's captions differ from each member's, so it gets
+    none and needs ``captioner calibrate`` and ``captioner tune-decoding``."""
     loaded = [load_checkpoint(s) for s in sources]
     first = loaded[0]
     for other in loaded[1:]:
@@ -293,7 +300,7 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
         shutil.rmtree(work)
     work.mkdir(parents=True)
     _write(work, config, first.vocab, tensors, dtype)
-    for name in (CALIBRATION, DECODING):
+    for name in (CALIBRATION, DECODING, CONSENSUS_INDEX, CONSENSUS_TENSORS):
         if len(loaded) == 1 and (first.directory / name).is_file():
             shutil.copyfile(first.directory / name, work / name)
     if target.exists():

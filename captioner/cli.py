@@ -514,10 +514,14 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "guide", "batch_size")  # TuneConfig fields given as flags
+TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "guide", "consensus", "consensus_weights",
+              "batch_size")  # TuneConfig fields given as flags
 TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes": "comma list of beam widths",
              "length_penalties": "comma list of alphas in logprob / len**alpha",
-             "guide": "guide every setting (needs the encoder's ImageNet head)", "batch_size": "images decoded at once"}
+             "guide": "guide every setting (needs the encoder's ImageNet head)", "batch_size": "images decoded at once",
+             "consensus": "with a consensus index: comma list of neighbour counts to rerank each setting with "
+                          "('' for none)",
+             "consensus_weights": "comma list of weights of the model's score beside the consensus"}
 
 
 def _numbers(kind: Callable) -> Callable[[str], tuple]:
@@ -541,7 +545,8 @@ def _add_tune_decoding(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the grid and the choice, write nothing")
     _add_config_flags(p, TuneConfig, TUNE_FLAGS, TUNE_HELP,
-                      types={"beam_sizes": _numbers(int), "length_penalties": _numbers(float)})
+                      types={"beam_sizes": _numbers(int), "length_penalties": _numbers(float),
+                             "consensus": _numbers(int), "consensus_weights": _numbers(float)})
 
 
 def cmd_tune_decoding(args) -> int:
@@ -551,10 +556,11 @@ def cmd_tune_decoding(args) -> int:
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
     result = tune_decoding(captioner, args.data_dir, config)
-    print(f"{'beam':>4} {'alpha':>5} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
+    print(f"{'beam':>4} {'alpha':>5} {'consensus':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:
-        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} | {row['bleu4'] * 100:6.2f} {row['cider_d'] * 100:7.2f} "
-              f"{row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
+        consensus = f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row else "-"
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {consensus:>12} | {row['bleu4'] * 100:6.2f} "
+              f"{row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
     print(f"chosen ({result['rule']}): {result['defaults']}")
     if not args.dry_run:
         print(f"wrote {save_decoding(result, directory)}")

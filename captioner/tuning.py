@@ -10,7 +10,8 @@ the CLI, ``evaluate`` and the app then decode the way the model was measured unl
 
 The rule: the highest CIDEr-D (the captioning literature's consensus metric) among the grid's settings whose
 BLEU-4 is at least that of the grid's first one (plain beam search, the reference), so no setting is bought
-with a worse BLEU-4.
+with a worse BLEU-4. A checkpoint with a consensus index (``captioner/consensus.py``) also has each beam setting
+measured reranked, so the choice may be a reranked one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 DECODING = "decoding.json"
 FORMAT = "captioner-decoding/1"
 # DecodeConfig fields a checkpoint may recommend: how to search, not what to return (num_return, seed stay the caller's)
-RECOMMENDABLE = ("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "guide", "guide_threshold")
+RECOMMENDABLE = ("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "guide", "guide_threshold", "consensus",
+                 "consensus_weight")
 
 
 @dataclass
@@ -41,6 +43,10 @@ class TuneConfig:
     beam_sizes: tuple[int, ...] = (3, 5)
     length_penalties: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
     guide: bool = False  # every setting guided (the app's default); needs the encoder's ImageNet head
+    # With a consensus index beside the checkpoint (``captioner consensus-index``), every beam setting is also
+    # measured reranked by each number of neighbours x weight (``captioner/consensus.py``); () skips them.
+    consensus: tuple[int, ...] = (5, 10, 20, 40)
+    consensus_weights: tuple[float, ...] = (0.0, 0.1, 0.3)
     batch_size: int = 250  # images decoded at once
 
     def __post_init__(self) -> None:
@@ -52,30 +58,45 @@ class TuneConfig:
             DecodeConfig(strategy="beam", beam_size=beam)  # same checks as decoding itself
         if any(a < 0 for a in self.length_penalties):
             raise ConfigError(f"length penalties must be >= 0, got {self.length_penalties}")
+        for k in self.consensus:
+            for weight in self.consensus_weights:
+                DecodeConfig(strategy="beam", consensus=k, consensus_weight=weight)
 
 
 def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) -> dict:
     """Decode ``config.split`` from the checkpoint's own feature cache with every setting of the grid and
     return the ``decoding.json`` content: the chosen ``defaults``, the rule, and every row measured."""
-    from .evaluate import caption_split_from_cache, score
+    from .evaluate import score
+    from .features import FeatureCache, cache_dir
     from .manifest import load_manifest, split_records
 
     records = split_records(load_manifest(data_dir), config.split)
     if not records:
         raise DatasetError(f"{data_dir}: no images in split {config.split!r}")
+    cache = FeatureCache(cache_dir(data_dir, captioner.config.encoder))
+    records = [r for r in records if r.id not in cache.failed]  # as ``evaluate --from-cache`` leaves them out
+    feats = cache.gather([r.id for r in records])
+    reranked = [(k, w) for k in config.consensus for w in config.consensus_weights] if captioner.consensus else []
     rows = []
+
+    def row(setting: dict, nbest: list[list[dict]]) -> dict:
+        captions = {r.id: n[0]["caption"] for r, n in zip(records, nbest)}
+        metrics = score(records, captions)
+        words = [c.split() for c in captions.values()]
+        return {**setting, "bleu4": round(metrics["Bleu_4"], 5), "cider_d": round(metrics["CIDEr"], 5),
+                "rouge_l": round(metrics["ROUGE_L"], 5), "distinct_words": len({w for c in words for w in c}),
+                "mean_words": round(sum(map(len, words)) / len(words), 3), "images": len(records)}
+
     for beam in config.beam_sizes:
         for alpha in config.length_penalties:
             setting = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide}
-            failed: list[dict] = []
-            captions = caption_split_from_cache(captioner, data_dir, records, DecodeConfig(
-                **{"max_len": captioner.config.max_len, **setting}), config.batch_size, failed=failed)
-            scored = [r for r in records if r.id in captions]
-            metrics = score(scored, captions)
-            words = [c.split() for c in captions.values()]
-            rows.append({**setting, "bleu4": round(metrics["Bleu_4"], 5), "cider_d": round(metrics["CIDEr"], 5),
-                         "rouge_l": round(metrics["ROUGE_L"], 5), "distinct_words": len({w for c in words for w in c}),
-                         "mean_words": round(sum(map(len, words)) / len(words), 3), "images": len(scored)})
+            search = DecodeConfig(**{"max_len": captioner.config.max_len, **setting}, num_return=beam)
+            nbest = [n for i in range(0, len(records), config.batch_size)  # the whole beam, best first: once
+                     for n in captioner.generate(feats[i:i + config.batch_size], search)]
+            rows.append(row(setting, nbest))
+            for k, weight in reranked:  # the same beams reranked: what ``--consensus k`` returns
+                rows.append(row({**setting, "consensus": k, "consensus_weight": weight},
+                                captioner.consensus.rerank(nbest, feats, k, weight)))
     reference = rows[0]
     chosen = max((r for r in rows if r["bleu4"] >= reference["bleu4"]), key=lambda r: r["cider_d"])
     return {"format": FORMAT, "defaults": {k: chosen[k] for k in RECOMMENDABLE if k in chosen},

@@ -17,6 +17,7 @@ from captioner.decoding import DecodeConfig
 from captioner.encoder import EncoderConfig
 from captioner.errors import CheckpointError, ConfigError
 from captioner.manifest import load_manifest, split_records
+from captioner.tuning import DECODING, FORMAT
 
 
 @pytest.fixture
@@ -90,3 +91,36 @@ def test_a_broken_or_foreign_index_is_an_error_naming_it_and_can_be_rebuilt(mode
         Captioner.from_pretrained(model, device="cpu")
     assert main(["consensus-index", str(data_dir), "--checkpoint", str(model)]) == 0  # a rebuild replaces it
     assert read_index(model, Captioner.from_pretrained(model, device="cpu").config.encoder) is not None
+
+
+def test_tune_decoding_measures_reranked_settings_as_evaluate_does_and_can_recommend_one(model, data_dir, capsys,
+                                                                                          tmp_path):
+    assert main(["consensus-index", str(data_dir), "--checkpoint", str(model)]) == 0
+    assert main(["tune-decoding", str(data_dir), "--checkpoint", str(model), "--device", "cpu", "--beam-sizes", "3",
+                 "--length-penalties", "0", "--consensus", "1,3", "--consensus-weights", "0,0.3"]) == 0
+    result = json.loads((model / DECODING).read_text())
+    rows = result["grid"]["rows"]
+    assert [(r.get("consensus"), r.get("consensus_weight")) for r in rows] == [
+        (None, None), (1, 0.0), (1, 0.3), (3, 0.0), (3, 0.3)]
+    best = max((r for r in rows if r["bleu4"] >= rows[0]["bleu4"]), key=lambda r: r["cider_d"])
+    assert result["defaults"].get("consensus") == best.get("consensus")
+    capsys.readouterr()
+    for row in rows[1:]:  # each reranked row is what `captioner evaluate --consensus K` reports
+        out = tmp_path / f"c{row['consensus']}-{row['consensus_weight']}.json"
+        assert main(["evaluate", str(data_dir), "--split", "val", "--checkpoint", str(model), "--from-cache",
+                     "--device", "cpu", "--strategy", "beam", "--beam-size", "3", "--length-penalty", "0",
+                     "--no-guide", "--consensus", str(row["consensus"]), "--consensus-weight",
+                     str(row["consensus_weight"]), "-o", str(out)]) == 0
+        measured = json.loads(out.read_text())
+        assert (round(measured["Bleu_4"], 5), round(measured["CIDEr"], 5)) == (row["bleu4"], row["cider_d"])
+    # a recommended reranking is every entry point's default, travels with export, and needs its index
+    (model / DECODING).write_text(json.dumps({"format": FORMAT, "defaults": {
+        "strategy": "beam", "beam_size": 3, "consensus": 3, "consensus_weight": 0.3}}))
+    cap = Captioner.from_pretrained(model, device="cpu")
+    assert (cap.decode_config().consensus, cap.decode_config().consensus_weight) == (3, 0.3)
+    assert cap.decode_config(strategy="greedy").consensus == 0
+    assert main(["export", str(model), "--out", str(tmp_path / "exported")]) == 0
+    assert Captioner.from_pretrained(tmp_path / "exported", device="cpu").consensus is not None
+    (model / INDEX).unlink()
+    with pytest.raises(CheckpointError, match="recommends consensus reranking"):
+        Captioner.from_pretrained(model, device="cpu")
