@@ -61,7 +61,7 @@ class ConsensusIndex:
         ranked = []
         for candidates, rows in zip(nbest, self.neighbours(features, k)):
             def agreement(candidate: dict) -> float:
-                return sum(self.scorer.score(row, candidate["tokens"]) for row in rows) / len(rows)
+                return sum(self.scorer.scores(rows, candidate["tokens"])) / len(rows)
             ranked.append(sorted(candidates, key=lambda c: -(agreement(c) + weight * c["score"])))
         return ranked
 

@@ -114,7 +114,16 @@ class CiderD:
 
     def score(self, image_id: int, hypothesis: list[str]) -> float:
         """CIDEr-D of one tokenized caption of ``image_id`` against that image's references."""
+        return self.scores([image_id], hypothesis)[0]
+
+    def scores(self, image_ids: list[int], hypothesis: list[str]) -> list[float]:
+        """``score`` of one caption against each of several images' references; its tf-idf vectors are computed
+        once (consensus reranking compares each candidate with the captions of many photos)."""
         hyp_vecs, hyp_norms = self._tfidf(_ngram_counts(hypothesis, self.n))
+        return [self._similarity(image_id, hypothesis, hyp_vecs, hyp_norms) for image_id in image_ids]
+
+    def _similarity(self, image_id: int, hypothesis: list[str], hyp_vecs: list[dict[tuple[str, ...], float]],
+                    hyp_norms: list[float]) -> float:
         references = self.refs[image_id]
         total = 0.0
         for ref_len, ref_vecs, ref_norms in references:
