@@ -72,7 +72,7 @@ def nvjpeg_rate(cap: Captioner, paths: list[str], batch: int) -> dict:
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(0, len(data), batch):
-        out = run(data[i:i + batch])
+        run(data[i:i + batch])
     torch.cuda.synchronize()
     rate = len(data) / (time.perf_counter() - start)
     # the same photo through the CPU path's Pillow decode + resize + crop, for how far the pixels differ
