@@ -116,3 +116,25 @@ def test_stream_on_the_device_path_reports_bad_files_and_keeps_order(device, tmp
     assert [r.source for r in results] == paths
     assert results[2].caption is None and "not an image" in results[2].error
     assert [r.caption for i, r in enumerate(results) if i != 2] == cap.caption(good, strategy="greedy")
+
+
+def test_loader_workers_hand_over_uint8_crops_that_normalise_to_the_float_batch(tmp_path):
+    """What ``stream`` runs on a GPU: worker processes return uint8 crops (a quarter of float32's bytes)."""
+    from torch.utils.data import DataLoader
+
+    from captioner.features import ImageFiles, collate_images
+    paths = []
+    for i, img in enumerate(photos(4)):
+        if isinstance(img, Image.Image):
+            img.save(tmp_path / f"{i}.png")
+            img = str(tmp_path / f"{i}.png")
+        paths.append(img)
+    pre = Preprocess()
+    batches = {}
+    for uint8 in (True, False):
+        loader = DataLoader(ImageFiles(paths, pre, uint8=uint8), batch_size=4, num_workers=1, collate_fn=collate_images)
+        [(idx, pixels, errors)] = list(loader)
+        assert idx == [0, 1, 2, 3] and errors == []
+        batches[uint8] = pixels
+    assert batches[True].dtype == torch.uint8
+    assert torch.equal(pre.normalise_batch(batches[True], pre.moments(torch.device("cpu"))), batches[False])
