@@ -27,7 +27,7 @@ from .errors import CheckpointError, TrainingError, VocabError
 from .consensus import INDEX as CONSENSUS_INDEX
 from .consensus import TENSORS as CONSENSUS_TENSORS
 from .consensus import ConsensusIndex, read_index
-from .tuning import DECODING, read_decoding
+from .tuning import DECODING, read_decoding, without_consensus
 from .vocab import Vocab
 
 MODEL, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
@@ -267,17 +267,19 @@ def _complete_encoder(config: ModelConfig, encoder: Encoder) -> tuple[ModelConfi
     return ModelConfig.from_json({**config.to_json(), "encoder": built_config.to_json()}), encoder
 
 
-def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = torch.float16) -> Path:
+def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = torch.float16,
+                      consensus_index: bool = False) -> Path:
     """Copy checkpoints (e.g. runs' ``best/``) into one plain, self-contained directory for shipping:
     encoder weights included (so it runs offline), floating tensors stored as ``dtype``, no trainer
     state. Several sources of one architecture, vocabulary and encoder become an ensemble. An encoder whose
     weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied
     unless training tuned it: the checkpoint holds the decoder, and loading rebuilds the encoder from the
     package, hash-checked.
-    One source's ``calibration.json``, ``decoding.json`` and consensus index come along (storage precision moves
-    log-probabilities by far less than the calibration's resolution; the index holds the user's dataset captions,
-    and a decoding that recommends it needs it); an ensemble's captions differ from each member's, so it gets
-    none and needs ``captioner calibrate`` and ``captioner tune-decoding``."""
+    One source's ``calibration.json`` and ``decoding.json`` come along (storage precision moves
+    log-probabilities by far less than the calibration's resolution); an ensemble's captions differ from each
+    member's, so it gets neither and needs ``captioner calibrate`` and ``captioner tune-decoding``. A consensus
+    index holds a dataset's captions, so it comes along only with ``consensus_index``; without it a decoding
+    that recommends reranking is re-chosen among the settings that need none (``tuning.without_consensus``)."""
     loaded = [load_checkpoint(s) for s in sources]
     first = loaded[0]
     for other in loaded[1:]:
@@ -300,9 +302,12 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
         shutil.rmtree(work)
     work.mkdir(parents=True)
     _write(work, config, first.vocab, tensors, dtype)
-    for name in (CALIBRATION, DECODING, CONSENSUS_INDEX, CONSENSUS_TENSORS):
+    for name in (CALIBRATION, DECODING) + ((CONSENSUS_INDEX, CONSENSUS_TENSORS) if consensus_index else ()):
         if len(loaded) == 1 and (first.directory / name).is_file():
             shutil.copyfile(first.directory / name, work / name)
+    if len(loaded) == 1 and not consensus_index and first.decoding.get("consensus"):
+        result = json.loads((first.directory / DECODING).read_text(encoding="utf-8"))
+        (work / DECODING).write_text(json.dumps(without_consensus(result), indent=1))
     if target.exists():
         shutil.rmtree(target)
     os.rename(work, target)

@@ -436,12 +436,15 @@ def _add_export(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="storage type of the weights (loading always computes in float32)")
+    p.add_argument("--with-consensus-index", action="store_true",
+                   help="also copy the consensus index (it holds the training captions: mind the dataset's terms); "
+                        "without it a decoding that reranks is re-chosen among the settings that need no index")
 
 
 def cmd_export(args) -> int:
     import torch
     from captioner.checkpoint import export_checkpoint
-    target = export_checkpoint(args.checkpoints, args.out, getattr(torch, args.dtype))
+    target = export_checkpoint(args.checkpoints, args.out, getattr(torch, args.dtype), args.with_consensus_index)
     size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
     print(f"wrote {target} ({size:.1f} MB, {args.dtype})")
     return 0

@@ -97,12 +97,26 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
             for k, weight in reranked:  # the same beams reranked: what ``--consensus k`` returns
                 rows.append(row({**setting, "consensus": k, "consensus_weight": weight},
                                 captioner.consensus.rerank(nbest, feats, k, weight)))
-    reference = rows[0]
-    chosen = max((r for r in rows if r["bleu4"] >= reference["bleu4"]), key=lambda r: r["cider_d"])
-    return {"format": FORMAT, "defaults": {k: chosen[k] for k in RECOMMENDABLE if k in chosen},
+    return {"format": FORMAT, "defaults": choose(rows),
             "rule": "highest CIDEr-D among settings with BLEU-4 >= the first setting's (plain beam search)",
             "split": config.split, "data_dir": str(data_dir), "grid": asdict(config) | {"rows": rows},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def choose(rows: list[dict]) -> dict:
+    """The rule over measured grid rows (the first is the reference) -> the recommended options."""
+    chosen = max((r for r in rows if r["bleu4"] >= rows[0]["bleu4"]), key=lambda r: r["cider_d"])
+    return {k: chosen[k] for k in RECOMMENDABLE if k in chosen}
+
+
+def without_consensus(result: dict) -> dict:
+    """``decoding.json``'s content for a copy of the checkpoint without its consensus index (``captioner
+    export``): the rule re-applied to the grid's rows that need no index (a hand-written file without a grid
+    just loses its consensus options)."""
+    rows = [r for r in result.get("grid", {}).get("rows", []) if not r.get("consensus")]
+    defaults = choose(rows) if rows else {k: v for k, v in result["defaults"].items()
+                                          if k not in ("consensus", "consensus_weight")}
+    return {**result, "defaults": defaults, "note": "chosen without the consensus index, which was not exported"}
 
 
 def save_decoding(result: dict, directory: Path) -> Path:

@@ -17,7 +17,7 @@ from captioner.decoding import DecodeConfig
 from captioner.encoder import EncoderConfig
 from captioner.errors import CheckpointError, ConfigError
 from captioner.manifest import load_manifest, split_records
-from captioner.tuning import DECODING, FORMAT
+from captioner.tuning import DECODING
 
 
 @pytest.fixture
@@ -113,14 +113,21 @@ def test_tune_decoding_measures_reranked_settings_as_evaluate_does_and_can_recom
                      str(row["consensus_weight"]), "-o", str(out)]) == 0
         measured = json.loads(out.read_text())
         assert (round(measured["Bleu_4"], 5), round(measured["CIDEr"], 5)) == (row["bleu4"], row["cider_d"])
-    # a recommended reranking is every entry point's default, travels with export, and needs its index
-    (model / DECODING).write_text(json.dumps({"format": FORMAT, "defaults": {
-        "strategy": "beam", "beam_size": 3, "consensus": 3, "consensus_weight": 0.3}}))
+    # a recommended reranking is every entry point's default; export leaves the index (the dataset's captions) out
+    # unless asked, re-choosing among the grid's settings that need none; a recommendation without its index fails
+    result["defaults"] = {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False, "consensus": 3,
+                          "consensus_weight": 0.3}
+    (model / DECODING).write_text(json.dumps(result))
     cap = Captioner.from_pretrained(model, device="cpu")
     assert (cap.decode_config().consensus, cap.decode_config().consensus_weight) == (3, 0.3)
     assert cap.decode_config(strategy="greedy").consensus == 0
-    assert main(["export", str(model), "--out", str(tmp_path / "exported")]) == 0
-    assert Captioner.from_pretrained(tmp_path / "exported", device="cpu").consensus is not None
+    assert main(["export", str(model), "--out", str(tmp_path / "plain")]) == 0
+    plain = Captioner.from_pretrained(tmp_path / "plain", device="cpu")
+    assert plain.consensus is None and not (tmp_path / "plain" / TENSORS).exists()
+    assert plain.decoding == {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False}  # rows[0]
+    assert main(["export", str(model), "--out", str(tmp_path / "with"), "--with-consensus-index"]) == 0
+    carried = Captioner.from_pretrained(tmp_path / "with", device="cpu")
+    assert carried.consensus is not None and carried.decoding["consensus"] == 3
     (model / INDEX).unlink()
     with pytest.raises(CheckpointError, match="recommends consensus reranking"):
         Captioner.from_pretrained(model, device="cpu")
