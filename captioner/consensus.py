@@ -17,7 +17,6 @@ bundled models never ship one (Flickr8k's captions stay under the dataset's term
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .captions import references
-from .encoder import EncoderConfig
+from .encoder import EncoderConfig, sha256_of
 from .errors import CheckpointError, DatasetError
 from .metrics import CiderD
 
@@ -40,7 +39,7 @@ FORMAT = "captioner-consensus/1"
 class ConsensusIndex:
     """Training photos' features (N, D) and tokenised captions, rows aligned."""
 
-    features: torch.Tensor  # (N, D) float16, L2-normalised
+    features: torch.Tensor  # (N, D) float32, L2-normalised (stored as float16)
     captions: list[list[list[str]]]
     encoder: EncoderConfig
     split: str
@@ -83,7 +82,7 @@ def build_index(encoder: EncoderConfig, data_dir: Path, split: str = "train") ->
         raise DatasetError(f"{data_dir}: no usable images in split {split!r}")
     features = torch.nn.functional.normalize(cache.gather([r.id for r in records]).float(), dim=1)
     refs = references(records)
-    return ConsensusIndex(features.half(), [refs[r.id] for r in records], encoder, split)
+    return ConsensusIndex(features.half().float(), [refs[r.id] for r in records], encoder, split)  # as stored
 
 
 def save_index(index: ConsensusIndex, directory: Path) -> Path:
@@ -91,11 +90,11 @@ def save_index(index: ConsensusIndex, directory: Path) -> Path:
     crash between them leaves a pair that ``read_index`` refuses rather than one that mismatches silently."""
     directory = Path(directory)
     tmp = directory / f".{TENSORS}.tmp"
-    save_file({"features": index.features.contiguous()}, str(tmp))
+    save_file({"features": index.features.half().contiguous()}, str(tmp))
     os.replace(tmp, directory / TENSORS)
     from .manifest import write_json_atomic
     write_json_atomic(directory / INDEX, {"format": FORMAT, "split": index.split, "encoder": index.encoder.to_json(),
-                                          "sha256": _sha256(directory / TENSORS), "captions": index.captions})
+                                          "sha256": sha256_of(directory / TENSORS), "captions": index.captions})
     return directory / INDEX
 
 
@@ -109,9 +108,9 @@ def read_index(directory: Path, encoder: EncoderConfig) -> ConsensusIndex | None
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != FORMAT:
             raise ValueError(f'expected "format": "{FORMAT}"')
-        if _sha256(Path(directory) / TENSORS) != data["sha256"]:
+        if sha256_of(Path(directory) / TENSORS) != data["sha256"]:
             raise ValueError(f"{TENSORS} is not the file this index was written with")
-        features = load_file(str(Path(directory) / TENSORS))["features"]
+        features = load_file(str(Path(directory) / TENSORS))["features"].float()
         captions = data["captions"]
         if features.ndim != 2 or features.shape[0] != len(captions) or features.shape[1] != encoder.feature_dim:
             raise ValueError(f"features {tuple(features.shape)} for {len(captions)} photos and a "
@@ -124,7 +123,3 @@ def read_index(directory: Path, encoder: EncoderConfig) -> ConsensusIndex | None
         raise CheckpointError(f"{path}: built with another encoder ({built_with.cache_key()}, this model's is "
                               f"{encoder.cache_key()}); re-create it with `captioner consensus-index`")
     return ConsensusIndex(features, captions, built_with, data["split"])
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -120,12 +120,17 @@ def _step_unfinished(decoder: CaptionDecoder, tokens: torch.Tensor, state: State
     return logp, tuple(s.index_copy(1, active, n.to(s.dtype)) for s, n in zip(state, new))
 
 
-def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Finished rows may only continue with <pad>, at no cost."""
-    if finished.any():
-        logp = logp.masked_fill(finished[:, None], float("-inf"))
-        logp[finished, pad_id] = 0.0
+def _freeze(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Finished rows may only continue with <pad>, at no cost; no host synchronisation (``greedy_static``)."""
+    pad = logp[:, pad_id].masked_fill(finished, 0.0)
+    logp = logp.masked_fill(finished[:, None], float("-inf"))
+    logp[:, pad_id] = pad
     return logp
+
+
+def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``_freeze``, skipped while no row has finished (most steps of a batch)."""
+    return _freeze(logp, finished, pad_id) if finished.any() else logp
 
 
 @torch.no_grad()
@@ -211,10 +216,7 @@ def greedy_static(decoder: CaptionDecoder, features: torch.Tensor, config: Decod
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(config.max_len):
         logp, state = _step(decoder, prev, state)
-        logp = _ban(logp, history[:, :t], config, specials)
-        pad = logp[:, specials.pad].masked_fill(finished, 0.0)  # _freeze_finished without its branch
-        logp = logp.masked_fill(finished[:, None], float("-inf"))
-        logp[:, specials.pad] = pad
+        logp = _freeze(_ban(logp, history[:, :t], config, specials), finished, specials.pad)
         nxt = logp.argmax(-1)
         logprob += logp.gather(1, nxt[:, None])[:, 0]
         length += (~finished).long()

@@ -95,11 +95,13 @@ def caption_split_from_cache(captioner: Captioner, data_dir: Path, records: list
 def caption_features(captioner: Captioner, records: list[Record], feats: torch.Tensor, config: DecodeConfig,
                      batch_size: int = 256) -> dict[int, str]:
     """Captions of these records' (N, D) features, in batches: one decoding for the cache and in-training val."""
-    out: dict[int, str] = {}
-    for i in range(0, len(records), batch_size):
-        nbest = captioner.generate(feats[i:i + batch_size], config)
-        out |= {r.id: n[0]["caption"] for r, n in zip(records[i:i + batch_size], nbest)}
-    return out
+    return {r.id: n[0]["caption"] for r, n in zip(records, nbest_features(captioner, feats, config, batch_size))}
+
+
+def nbest_features(captioner: Captioner, feats: torch.Tensor, config: DecodeConfig,
+                   batch_size: int = 256) -> list[list[dict]]:
+    """``Captioner.generate`` over (N, D) features, ``batch_size`` rows at a time: per row its n-best."""
+    return [n for i in range(0, len(feats), batch_size) for n in captioner.generate(feats[i:i + batch_size], config)]
 
 
 def left_out_by_prepare(data_dir: Path, split: str) -> list[dict]:

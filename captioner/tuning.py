@@ -66,7 +66,7 @@ class TuneConfig:
 def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) -> dict:
     """Decode ``config.split`` from the checkpoint's own feature cache with every setting of the grid and
     return the ``decoding.json`` content: the chosen ``defaults``, the rule, and every row measured."""
-    from .evaluate import score
+    from .evaluate import nbest_features, score
     from .features import FeatureCache, cache_dir
     from .manifest import load_manifest, split_records
 
@@ -91,8 +91,7 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
         for alpha in config.length_penalties:
             setting = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide}
             search = DecodeConfig(**{"max_len": captioner.config.max_len, **setting}, num_return=beam)
-            nbest = [n for i in range(0, len(records), config.batch_size)  # the whole beam, best first: once
-                     for n in captioner.generate(feats[i:i + config.batch_size], search)]
+            nbest = nbest_features(captioner, feats, search, config.batch_size)  # the whole beam, best first: once
             rows.append(row(setting, nbest))
             for k, weight in reranked:  # the same beams reranked: what ``--consensus k`` returns
                 rows.append(row({**setting, "consensus": k, "consensus_weight": weight},
