@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_checkpoint
 from .confidence import Calibration, add_confidence, tag_probs
 from .consensus import ConsensusIndex
+from .matching import Matcher
 from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode, finish_static, greedy_static
 from .encoder import Encoder
@@ -85,7 +86,8 @@ class Captioner:
 
     def __init__(self, encoder: Encoder, decoder: CaptionDecoder | EnsembleDecoder, vocab: Vocab, config: ModelConfig,
                  device: str = "auto", precision: str = "auto", calibration: Calibration | None = None,
-                 decoding: dict | None = None, consensus: ConsensusIndex | None = None) -> None:
+                 decoding: dict | None = None, consensus: ConsensusIndex | None = None,
+                 matcher: Matcher | None = None) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.encoder = encoder.for_inference(self.device)
@@ -94,6 +96,9 @@ class Captioner:
         self.calibration = calibration  # None: captions carry no "confidence" (captioner/confidence.py)
         self.decoding = dict(decoding or {})  # the checkpoint's recommended decoding options (captioner/tuning.py)
         self.consensus = consensus  # training photos' captions for consensus reranking (captioner/consensus.py)
+        self.matcher = matcher  # image-caption matching model for matching reranking (captioner/matching.py)
+        if matcher is not None:
+            matcher.model.to(self.device)
         self.preprocess = config.encoder.preprocess
         self.fetch = FetchConfig()  # how image URLs are fetched; private addresses need FetchConfig(allow_private=True)
         # On a GPU uint8 pixels cross to the device, which normalises them (``Preprocess.to_uint8``). With
@@ -118,7 +123,7 @@ class Captioner:
             raise CheckpointError(f"{loaded.directory}/model.safetensors: decoder tensors do not match "
                                   f"config.json: {str(err)[:300]}") from None
         return cls(loaded.encoder, decoder, loaded.vocab, loaded.config, device, precision, loaded.calibration,
-                   loaded.decoding, loaded.consensus)
+                   loaded.decoding, loaded.consensus, loaded.matcher)
 
     def decode_config(self, **options) -> DecodeConfig:
         """Decoding options over this model's defaults: its caption length as ``max_len`` and, unless
@@ -184,16 +189,22 @@ class Captioner:
         if config.consensus and self.consensus is None:
             raise ConfigError("consensus reranking needs the checkpoint's consensus index: build it from your "
                               "training data with `captioner consensus-index DATA --checkpoint CHECKPOINT`")
+        if config.match_weight and self.matcher is None:
+            raise ConfigError("matching reranking needs the checkpoint's matching model: train it with "
+                              "`captioner matching DATA --checkpoint CHECKPOINT`")
+        rerank = config.consensus or config.match_weight
         if config.strategy == "greedy" and self.graphs:
             hyps = self._greedy(features, config)
         else:
-            search = dataclasses.replace(config, num_return=config.beam_size) if config.consensus else config
+            search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
             with autocast(self.precision, self.device):
                 hyps = decode(self.decoder, features, search, self.vocab.specials, constraints)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
-            nbest = [n[:config.num_return] for n in self.consensus.rerank(nbest, features, config.consensus,
-                                                                          config.consensus_weight)]
+            nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)
+        elif config.match_weight:
+            nbest = self.matcher.rerank(nbest, features, self.vocab, config.match_weight)
+        nbest = [n[:config.num_return] for n in nbest] if rerank else nbest
         if self.calibration is not None:
             tag_prob = None
             if "tag_prob" in self.calibration.features:

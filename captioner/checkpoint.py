@@ -27,6 +27,9 @@ from .errors import CheckpointError, TrainingError, VocabError
 from .consensus import INDEX as CONSENSUS_INDEX
 from .consensus import TENSORS as CONSENSUS_TENSORS
 from .consensus import ConsensusIndex, read_index
+from .matching import CONFIG as MATCHING_CONFIG
+from .matching import TENSORS as MATCHING_TENSORS
+from .matching import Matcher, read_matcher
 from .tuning import DECODING, read_decoding, without_consensus
 from .vocab import Vocab
 
@@ -45,6 +48,7 @@ class Loaded:
     calibration: Calibration | None = None  # calibration.json (``captioner calibrate``), when the directory has one
     decoding: dict = field(default_factory=dict)  # decoding.json's recommended options (``captioner tune-decoding``)
     consensus: ConsensusIndex | None = None  # consensus.json + .safetensors (``captioner consensus-index``)
+    matcher: Matcher | None = None  # matching.json + .safetensors (``captioner matching``)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,9 +139,10 @@ def read_model_config(directory: Path) -> ModelConfig:
         raise CheckpointError(f"{directory / CONFIG}: invalid config ({err})") from None
 
 
-def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
+def load_checkpoint(directory: str | Path, calibrated: bool = True, matching: bool = True) -> Loaded:
     """Config, vocabulary, decoder tensors and a ready encoder from a checkpoint directory, and its calibration
-    unless ``calibrated`` is False (``captioner calibrate`` replaces it, so a broken one must not stop it)."""
+    unless ``calibrated`` is False (``captioner calibrate`` replaces it, so a broken one must not stop it) and
+    its matching model unless ``matching`` is False (``captioner matching`` replaces it, likewise)."""
     directory = Path(directory)
     config = read_model_config(directory)
     try:
@@ -171,7 +176,11 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True) -> Loaded:
         raise CheckpointError(f"{directory / DECODING}: recommends consensus reranking, but the directory has no "
                               f"{CONSENSUS_INDEX}; build it with `captioner consensus-index` or re-run `captioner "
                               "tune-decoding`")
-    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, decoding, consensus)
+    matcher = read_matcher(directory, config.encoder, vocab) if matching else None
+    if decoding.get("match_weight") and matcher is None and matching:
+        raise CheckpointError(f"{directory / DECODING}: recommends matching reranking, but the directory has no "
+                              f"{MATCHING_CONFIG}; train it with `captioner matching` or re-run `captioner tune-decoding`")
+    return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, decoding, consensus, matcher)
 
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -275,7 +284,7 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
     weights come from an installed package (``PACKAGED_WEIGHTS``, e.g. resnet152 ``resmem``) is not copied
     unless training tuned it: the checkpoint holds the decoder, and loading rebuilds the encoder from the
     package, hash-checked.
-    One source's ``calibration.json`` and ``decoding.json`` come along (storage precision moves
+    One source's ``calibration.json``, ``decoding.json`` and matching model (weights, no captions) come along (storage precision moves
     log-probabilities by far less than the calibration's resolution); an ensemble's captions differ from each
     member's, so it gets neither and needs ``captioner calibrate`` and ``captioner tune-decoding``. A consensus
     index holds a dataset's captions, so it comes along only with ``consensus_index``; without it a decoding
@@ -302,7 +311,8 @@ def export_checkpoint(sources: list[Path], target: Path, dtype: torch.dtype = to
         shutil.rmtree(work)
     work.mkdir(parents=True)
     _write(work, config, first.vocab, tensors, dtype)
-    for name in (CALIBRATION, DECODING) + ((CONSENSUS_INDEX, CONSENSUS_TENSORS) if consensus_index else ()):
+    for name in (CALIBRATION, DECODING, MATCHING_CONFIG, MATCHING_TENSORS) + ((CONSENSUS_INDEX, CONSENSUS_TENSORS)
+                                                                             if consensus_index else ()):
         if len(loaded) == 1 and (first.directory / name).is_file():
             shutil.copyfile(first.directory / name, work / name)
     if len(loaded) == 1 and not consensus_index and first.decoding.get("consensus"):

@@ -217,7 +217,7 @@ def cmd_train(args) -> int:
 
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
                 "no_repeat_ngram", "seed", "guide", "guide_threshold", "consensus",
-                "consensus_weight")  # DecodeConfig fields given as flags
+                "consensus_weight", "match_weight")  # DecodeConfig fields given as flags
 DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
                            "tune-decoding`), whose settings also fill the beam flags left out",
                "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
@@ -226,7 +226,9 @@ DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its
                "guide_threshold": "probability a recognised object needs before --guide requires its word",
                "consensus": "beam only: rerank the beam's captions by their CIDEr-D against the captions of this many "
                             "nearest training photos (needs `captioner consensus-index`; 0: off)",
-               "consensus_weight": "weight of the model's own score beside the --consensus agreement"}
+               "consensus_weight": "weight of the model's own score beside the --consensus agreement",
+               "match_weight": "beam only: rerank the beam's captions by the model's score + this x their match with "
+                               "the photo (needs the checkpoint's matching model, `captioner matching`; 0: off)"}
 
 
 def _add_decode_args(p) -> None:
@@ -518,13 +520,15 @@ def cmd_calibrate(args) -> int:
 
 
 TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "guide", "consensus", "consensus_weights",
-              "batch_size")  # TuneConfig fields given as flags
+              "match_weights", "batch_size")  # TuneConfig fields given as flags
 TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes": "comma list of beam widths",
              "length_penalties": "comma list of alphas in logprob / len**alpha",
              "guide": "guide every setting (needs the encoder's ImageNet head)", "batch_size": "images decoded at once",
              "consensus": "with a consensus index: comma list of neighbour counts to rerank each setting with "
                           "('' for none)",
-             "consensus_weights": "comma list of weights of the model's score beside the consensus"}
+             "consensus_weights": "comma list of weights of the model's score beside the consensus",
+             "match_weights": "with a matching model: comma list of weights of the image-caption match to rerank "
+                              "each setting with ('' for none)"}
 
 
 def _numbers(kind: Callable) -> Callable[[str], tuple]:
@@ -549,7 +553,8 @@ def _add_tune_decoding(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the grid and the choice, write nothing")
     _add_config_flags(p, TuneConfig, TUNE_FLAGS, TUNE_HELP,
                       types={"beam_sizes": _numbers(int), "length_penalties": _numbers(float),
-                             "consensus": _numbers(int), "consensus_weights": _numbers(float)})
+                             "consensus": _numbers(int), "consensus_weights": _numbers(float),
+                             "match_weights": _numbers(float)})
 
 
 def cmd_tune_decoding(args) -> int:
@@ -559,10 +564,11 @@ def cmd_tune_decoding(args) -> int:
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
     result = tune_decoding(captioner, args.data_dir, config)
-    print(f"{'beam':>4} {'alpha':>5} {'consensus':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
+    print(f"{'beam':>4} {'alpha':>5} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:
-        consensus = f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row else "-"
-        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {consensus:>12} | {row['bleu4'] * 100:6.2f} "
+        rerank = (f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row
+                  else f"match {row['match_weight']}" if "match_weight" in row else "-")
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {rerank:>12} | {row['bleu4'] * 100:6.2f} "
               f"{row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
     print(f"chosen ({result['rule']}): {result['defaults']}")
     if not args.dry_run:
@@ -612,13 +618,57 @@ def cmd_consensus_index(args) -> int:
     return 0
 
 
+MATCHING_HELP = {"views": "draw one of this many cached random crops per photo and epoch (the view cache of "
+                          "`train --views`, at the checkpoint's --tune-blocks depth; 0: the plain feature cache)",
+                 "hidden": "caption GRU width", "joint": "size of the shared space",
+                 "batch_size": "pairs per step (the in-batch negatives)", "temperature": "of the contrastive loss"}
+
+
+def _add_matching(sub) -> None:
+    from captioner.matching import MatchingConfig
+    p = sub.add_parser("matching", help="train an image-caption matching model for --match-weight reranking; writes "
+                                        "CHECKPOINT/matching.{json,safetensors}",
+                       description="Trains on the training split's features by the checkpoint's own encoder (its "
+                                   "feature cache, or the view cache with --views) and captions, reports val recall "
+                                   "(captioner/matching.py). The model holds weights, no captions.")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory to add the matching model to")
+    p.add_argument("--device", default="cpu", help="where the features are computed (training runs on the CPU)")
+    _add_config_flags(p, MatchingConfig, [f for f in MatchingConfig.__dataclass_fields__], MATCHING_HELP)
+
+
+def cmd_matching(args) -> int:
+    from captioner.api import resolve_model
+    from captioner.captions import encode_captions
+    from captioner.checkpoint import load_checkpoint
+    from captioner.errors import DatasetError
+    from captioner.manifest import load_manifest, split_records
+    from captioner.matching import MatchingConfig, save_matcher, train_matching
+    from captioner.views import model_features
+    config = MatchingConfig(**_given(args, list(MatchingConfig.__dataclass_fields__)))
+    directory = resolve_model(args.checkpoint)
+    loaded = load_checkpoint(directory, calibrated=False, matching=False)  # a broken matching model is replaced
+    records = load_manifest(args.data_dir)
+    train, val = split_records(records, "train"), split_records(records, "val")
+    if not train or not val:
+        raise DatasetError(f"{args.data_dir}: training a matching model needs a train and a val split")
+    train_features, val_features = model_features(args.data_dir, loaded.config.encoder, loaded.encoder, config.views,
+                                                  train, val, args.device)
+    max_len = loaded.config.max_len
+    matcher = train_matching(train_features, encode_captions(train, loaded.vocab, max_len), val_features,
+                             encode_captions(val, loaded.vocab, max_len), loaded.vocab, loaded.config.encoder, config)
+    print(f"wrote {save_matcher(matcher, directory)} (val caption->photo recall {matcher.recall})")
+    return 0
+
+
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
             "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, cmd_gradflow),
             "export": (_add_export, cmd_export), "report": (_add_report, cmd_report), "scst": (_add_scst, cmd_scst),
             "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain),
             "tune-decoding": (_add_tune_decoding, cmd_tune_decoding),
-            "consensus-index": (_add_consensus_index, cmd_consensus_index)}
+            "consensus-index": (_add_consensus_index, cmd_consensus_index),
+            "matching": (_add_matching, cmd_matching)}
 
 
 def build_parser() -> argparse.ArgumentParser:

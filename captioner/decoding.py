@@ -42,6 +42,9 @@ class DecodeConfig:
     # needs the checkpoint's consensus index). 0: off.
     consensus: int = 0
     consensus_weight: float = 0.1
+    # Matching reranking (beam only): order the beam's captions by the model's score + this x the cosine between
+    # the photo and each caption in the checkpoint's matching model (``captioner/matching.py``). 0: off.
+    match_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -60,6 +63,10 @@ class DecodeConfig:
             raise ConfigError("need consensus >= 0 (neighbours; 0: off) and consensus_weight >= 0")
         if self.consensus and self.strategy != "beam":
             raise ConfigError("consensus reranking reorders a beam's captions: use it with strategy 'beam'")
+        if self.match_weight < 0 or (self.match_weight and self.strategy != "beam"):
+            raise ConfigError("matching reranking reorders a beam's captions: use match_weight >= 0 with strategy 'beam'")
+        if self.match_weight and self.consensus:
+            raise ConfigError("choose one reranking: consensus or match_weight")
         if not 0 < self.guide_threshold <= 1:
             raise ConfigError(f"guide_threshold must be in (0, 1], got {self.guide_threshold}")
 
@@ -70,7 +77,8 @@ class DecodeConfig:
         """The setting as people say it: "greedy", "beam 5 (length penalty 0.8), guided"."""
         beam = f" {self.beam_size}" + (f" (length penalty {self.length_penalty})" if self.length_penalty else "")
         consensus = f", consensus of {self.consensus} neighbours (weight {self.consensus_weight})" if self.consensus else ""
-        return f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{consensus}"
+        match = f", reranked by image-caption match (weight {self.match_weight})" if self.match_weight else ""
+        return f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{consensus}{match}"
 
 
 @dataclass

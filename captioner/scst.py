@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,11 +32,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .decoding import DecodeConfig, Hypothesis, decode
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_features, score
-from .features import FeatureCache, cache_dir
 from .manifest import load_manifest, split_records
 from .metrics import CiderD
 from .model import build_decoder
-from .views import draw_views, ensure_view_cache, open_view_cache, view_features
+from .views import draw_views, model_features
 from .vocab import SpecialIds
 
 BASELINES = ("mean", "greedy")
@@ -126,16 +124,9 @@ class ScstTrainer:
         self.val_records = split_records(records, "val")
         if not self.train_records or not self.val_records:
             raise DatasetError(f"{self.data_dir}: SCST needs a train and a val split")
-        if config.views:
-            self.features, self.val_features = self._view_features(device)  # (N, views + 1, D), (N_val, D)
-        else:
-            cache = FeatureCache(cache_dir(self.data_dir, self.model_config.encoder))
-            missing = [r.id for r in self.train_records if r.id in cache.failed]
-            if missing:
-                raise DatasetError(f"{cache.directory}: {len(missing)} training images could not be encoded "
-                                   f"(e.g. id {missing[0]}); fix or re-prepare the data directory")
-            self.features = cache.gather([r.id for r in self.train_records])[:, None]  # (N, 1, D): one view
-            self.val_features = cache.gather([r.id for r in self.val_records])
+        self.features, self.val_features = model_features(  # (N, views + 1, D), (N_val, D)
+            self.data_dir, self.model_config.encoder, self.encoder, config.views, self.train_records, self.val_records,
+            device)
         self.view_of = torch.zeros(len(self.train_records), dtype=torch.long)  # view 0: the centre crop
         self.scorer = CiderD(references(self.train_records))
         # the training captions as id rows, each image's contiguous: what ``reference_loss`` draws from
@@ -148,19 +139,6 @@ class ScstTrainer:
         self.sample_config = DecodeConfig(strategy="sample", max_len=self.model_config.max_len,
                                           num_return=config.samples, temperature=config.temperature)
         self.greedy_config = DecodeConfig(strategy="greedy", max_len=self.model_config.max_len)
-
-    def _view_features(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of every training image's views and of the val images' centre crops, by this model's CNN."""
-        enc = self.model_config.encoder
-        tail = enc.provenance.get("tuned", {}).get("blocks", 0)
-        if tail == "all":
-            raise ConfigError("views: this model's whole CNN was trained (--finetune-encoder), so no view cache "
-                              "holds its activations; leave out --views")
-        ensure_view_cache(self.data_dir, enc, self.encoder, self.config.views, tail, device)
-        cache, blocks = open_view_cache(self.data_dir, enc, self.encoder, self.config.views, tail)
-        rows = cache.gather([r.id for r in self.train_records], np.float16)  # (N, views + 1, *shape)
-        train = view_features(blocks, rows.flatten(0, 1)).view(*rows.shape[:2], -1)
-        return train, view_features(blocks, cache.gather([r.id for r in self.val_records])[:, 0])
 
     def rewards(self, image_ids: list[int], hyps: list[Hypothesis]) -> torch.Tensor:
         """CIDEr-D of each caption against its image's training references."""

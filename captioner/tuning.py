@@ -10,8 +10,8 @@ the CLI, ``evaluate`` and the app then decode the way the model was measured unl
 
 The rule: the highest CIDEr-D (the captioning literature's consensus metric) among the grid's settings whose
 BLEU-4 is at least that of the grid's first one (plain beam search, the reference), so no setting is bought
-with a worse BLEU-4. A checkpoint with a consensus index (``captioner/consensus.py``) also has each beam setting
-measured reranked, so the choice may be a reranked one.
+with a worse BLEU-4. A checkpoint with a consensus index (``captioner/consensus.py``) or a matching model
+(``captioner/matching.py``) also has each beam setting measured reranked, so the choice may be a reranked one.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ DECODING = "decoding.json"
 FORMAT = "captioner-decoding/1"
 # DecodeConfig fields a checkpoint may recommend: how to search, not what to return (num_return, seed stay the caller's)
 RECOMMENDABLE = ("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "guide", "guide_threshold", "consensus",
-                 "consensus_weight")
+                 "consensus_weight", "match_weight")
 
 
 @dataclass
@@ -47,6 +47,9 @@ class TuneConfig:
     # measured reranked by each number of neighbours x weight (``captioner/consensus.py``); () skips them.
     consensus: tuple[int, ...] = (5, 10, 20, 40)
     consensus_weights: tuple[float, ...] = (0.0, 0.1, 0.3)
+    # With a matching model beside the checkpoint (``captioner matching``), every beam setting is also measured
+    # reranked by the model's score + each of these x the image-caption match (``captioner/matching.py``).
+    match_weights: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     batch_size: int = 250  # images decoded at once
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class TuneConfig:
         for k in self.consensus:
             for weight in self.consensus_weights:
                 DecodeConfig(strategy="beam", consensus=k, consensus_weight=weight)
+        for weight in self.match_weights:
+            DecodeConfig(strategy="beam", match_weight=weight)
 
 
 def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) -> dict:
@@ -77,6 +82,7 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
     records = [r for r in records if r.id not in cache.failed]  # as ``evaluate --from-cache`` leaves them out
     feats = cache.gather([r.id for r in records])
     reranked = [(k, w) for k in config.consensus for w in config.consensus_weights] if captioner.consensus else []
+    matched = config.match_weights if captioner.matcher else ()
     rows = []
 
     def row(setting: dict, nbest: list[list[dict]]) -> dict:
@@ -96,6 +102,9 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
             for k, weight in reranked:  # the same beams reranked: what ``--consensus k`` returns
                 rows.append(row({**setting, "consensus": k, "consensus_weight": weight},
                                 captioner.consensus.rerank(nbest, feats, k, weight)))
+            for weight in matched:  # and by their match with the photo: what ``--match-weight`` returns
+                rows.append(row({**setting, "match_weight": weight},
+                                captioner.matcher.rerank(nbest, feats, captioner.vocab, weight)))
     return {"format": FORMAT, "defaults": choose(rows),
             "rule": "highest CIDEr-D among settings with BLEU-4 >= the first setting's (plain beam search)",
             "split": config.split, "data_dir": str(data_dir), "grid": asdict(config) | {"rows": rows},

@@ -168,3 +168,28 @@ def draw_views(n: int, views: int, seed: int, epoch: int) -> torch.Tensor:
     """(n,) view of each training image for this epoch: a pure function of (seed, epoch), so that a resumed
     epoch draws the same views as the uninterrupted one."""
     return torch.randint(views + 1, (n,), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def model_features(data_dir: Path, config: EncoderConfig, encoder: Encoder, views: int, train: list[Record],
+                   val: list[Record], device: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's own features, for what trains on top of it (``captioner scst``, ``captioner matching``):
+    (N, views + 1, D) of the ``train`` records, view 0 the centre crop, through the CNN's tuned blocks; with
+    ``views`` 0 the feature cache's one view (N, 1, D). And (N_val, D) centre crops of ``val``."""
+    from .errors import DatasetError
+    from .features import cache_dir
+    if not views:
+        cache = FeatureCache(cache_dir(data_dir, config))
+        missing = [r.id for r in train if r.id in cache.failed]
+        if missing:
+            raise DatasetError(f"{cache.directory}: {len(missing)} training images could not be encoded "
+                               f"(e.g. id {missing[0]}); fix or re-prepare the data directory")
+        return cache.gather([r.id for r in train])[:, None], cache.gather([r.id for r in val])
+    tail = config.provenance.get("tuned", {}).get("blocks", 0)
+    if tail == "all":
+        raise ConfigError("views: this model's whole CNN was trained (--finetune-encoder), so no view cache "
+                          "holds its activations; leave out --views")
+    ensure_view_cache(data_dir, config, encoder, views, tail, device)
+    cache, blocks = open_view_cache(data_dir, config, encoder, views, tail)
+    rows = cache.gather([r.id for r in train], np.float16)  # (N, views + 1, *shape)
+    features = view_features(blocks, rows.flatten(0, 1)).view(*rows.shape[:2], -1)
+    return features, view_features(blocks, cache.gather([r.id for r in val])[:, 0])
