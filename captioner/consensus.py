@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .captions import references
-from .encoder import EncoderConfig, sha256_of
+from .encoder import EncoderConfig
 from .errors import CheckpointError, DatasetError
 from .metrics import CiderD
+from .sidecar import read_pair, write_pair
 
 TENSORS, INDEX = "consensus.safetensors", "consensus.json"
 FORMAT = "captioner-consensus/1"
@@ -86,32 +85,22 @@ def build_index(encoder: EncoderConfig, data_dir: Path, split: str = "train") ->
 
 
 def save_index(index: ConsensusIndex, directory: Path) -> Path:
-    """Write the two files; the JSON, written last and atomically, names the tensor file's SHA-256, so a
-    crash between them leaves a pair that ``read_index`` refuses rather than one that mismatches silently."""
-    directory = Path(directory)
-    tmp = directory / f".{TENSORS}.tmp"
-    save_file({"features": index.features.half().contiguous()}, str(tmp))
-    os.replace(tmp, directory / TENSORS)
-    from .manifest import write_json_atomic
-    write_json_atomic(directory / INDEX, {"format": FORMAT, "split": index.split, "encoder": index.encoder.to_json(),
-                                          "sha256": sha256_of(directory / TENSORS), "captions": index.captions})
-    return directory / INDEX
+    """Write the pair (``sidecar.write_pair``: a crash between the files leaves one ``read_index`` refuses)."""
+    return write_pair(directory, TENSORS, INDEX, {"features": index.features.half()},
+                      {"format": FORMAT, "split": index.split, "encoder": index.encoder.to_json(),
+                       "captions": index.captions})
 
 
 def read_index(directory: Path, encoder: EncoderConfig) -> ConsensusIndex | None:
     """The checkpoint's index (None without one). Refused, naming the file: a broken or mismatched pair, and
     an index built with another encoder (its features would not be comparable with this model's)."""
     path = Path(directory) / INDEX
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT:
-            raise ValueError(f'expected "format": "{FORMAT}"')
-        if sha256_of(Path(directory) / TENSORS) != data["sha256"]:
-            raise ValueError(f"{TENSORS} is not the file this index was written with")
-        features = load_file(str(Path(directory) / TENSORS))["features"].float()
-        captions = data["captions"]
+        pair = read_pair(directory, TENSORS, INDEX, FORMAT)
+        if pair is None:
+            return None
+        data, tensors = pair
+        features, captions = tensors["features"].float(), data["captions"]
         if features.ndim != 2 or features.shape[0] != len(captions) or features.shape[1] != encoder.feature_dim:
             raise ValueError(f"features {tuple(features.shape)} for {len(captions)} photos and a "
                              f"{encoder.feature_dim}-d encoder")

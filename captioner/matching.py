@@ -19,20 +19,19 @@ SHA-256 of the tensor file, so a mismatched pair is refused).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
 from .captions import CaptionTensors
-from .encoder import EncoderConfig, sha256_of
+from .encoder import EncoderConfig
 from .errors import CheckpointError, ConfigError
+from .sidecar import read_pair, write_pair
 from .vocab import Vocab
 
 TENSORS, CONFIG = "matching.safetensors", "matching.json"
@@ -177,36 +176,27 @@ def train_matching(train_features: torch.Tensor, train_captions: CaptionTensors,
 
 
 def save_matcher(matcher: Matcher, directory: Path) -> Path:
-    """Write the pair; the JSON, written last and atomically, names the tensor file's SHA-256."""
-    from .manifest import write_json_atomic
-    directory = Path(directory)
-    tmp = directory / f".{TENSORS}.tmp"
-    save_file({k: v.detach().cpu().half().contiguous() for k, v in matcher.model.state_dict().items()}, str(tmp))
-    os.replace(tmp, directory / TENSORS)
-    write_json_atomic(directory / CONFIG, {"format": FORMAT, "config": asdict(matcher.config),
-                                           "encoder": matcher.encoder.to_json(), "vocab_size": matcher.vocab_size,
-                                           "val_recall": matcher.recall, "sha256": sha256_of(directory / TENSORS)})
-    return directory / CONFIG
+    """Write the pair (``sidecar.write_pair``: a crash between the files leaves one ``read_matcher`` refuses)."""
+    return write_pair(directory, TENSORS, CONFIG, {k: v.half() for k, v in matcher.model.state_dict().items()},
+                      {"format": FORMAT, "config": asdict(matcher.config), "encoder": matcher.encoder.to_json(),
+                       "vocab_size": matcher.vocab_size, "val_recall": matcher.recall})
 
 
 def read_matcher(directory: Path, encoder: EncoderConfig, vocab: Vocab) -> Matcher | None:
     """The checkpoint's matching model (None without one). Refused, naming the file: a broken or mismatched
     pair, one trained on another encoder's features or for another vocabulary."""
     path = Path(directory) / CONFIG
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT:
-            raise ValueError(f'expected "format": "{FORMAT}"')
-        if sha256_of(Path(directory) / TENSORS) != data["sha256"]:
-            raise ValueError(f"{TENSORS} is not the file this model was written with")
+        pair = read_pair(directory, TENSORS, CONFIG, FORMAT)
+        if pair is None:
+            return None
+        data, tensors = pair
         config = MatchingConfig(**data["config"])
         trained_on = EncoderConfig.from_json(data["encoder"])
         if data["vocab_size"] != len(vocab.words):
             raise ValueError(f"trained for {data['vocab_size']} words, the checkpoint has {len(vocab.words)}")
         model = MatchingModel(encoder.feature_dim, len(vocab.words), config, vocab.specials.pad)
-        model.load_state_dict({k: v.float() for k, v in load_file(str(Path(directory) / TENSORS)).items()})
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError, RuntimeError,
             SafetensorError, ConfigError) as err:
         raise CheckpointError(f"{path}: not a valid matching model ({type(err).__name__}: {str(err)[:300]}); "
