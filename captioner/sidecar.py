@@ -24,6 +24,7 @@ def write_pair(directory: Path, tensors_name: str, json_name: str, tensors: dict
     directory = Path(directory)
     tmp = directory / f".{tensors_name}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a checkpoint is shared and shipped like model.safetensors
     os.replace(tmp, directory / tensors_name)
     write_json_atomic(directory / json_name, {**data, "sha256": sha256_of(directory / tensors_name)})
     return directory / json_name

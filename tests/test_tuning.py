@@ -116,5 +116,6 @@ def test_the_bundled_models_decoding_was_chosen_on_val_by_its_rule():
     chosen = max((r for r in rows if r["bleu4"] >= rows[0]["bleu4"]), key=lambda r: r["cider_d"])
     assert result["defaults"]["beam_size"] == chosen["beam_size"]
     assert result["defaults"]["length_penalty"] == chosen["length_penalty"]
+    assert result["defaults"].get("match_weight") == chosen.get("match_weight")
     assert Captioner.from_pretrained(device="cpu").decode_config().to_json() == {
         **Captioner.from_pretrained(device="cpu").decode_config(strategy="greedy").to_json(), **result["defaults"]}
