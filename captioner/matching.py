@@ -101,7 +101,6 @@ class Matcher:
     model: MatchingModel
     config: MatchingConfig
     encoder: EncoderConfig
-    vocab_size: int
     recall: dict  # val caption -> photo recall at 1 / 5 / 10 when trained
 
     @torch.no_grad()
@@ -172,14 +171,14 @@ def train_matching(train_features: torch.Tensor, train_captions: CaptionTensors,
         found = recall(model, val_features, val_captions)
         log(f"matching epoch {epoch}: loss {total / pairs:.4f}, val caption->photo recall {found} "
             f"({time.time() - started:.0f} s)")
-    return Matcher(model.eval(), config, encoder, len(vocab.words), found)
+    return Matcher(model.eval(), config, encoder, found)
 
 
 def save_matcher(matcher: Matcher, directory: Path) -> Path:
     """Write the pair (``sidecar.write_pair``: a crash between the files leaves one ``read_matcher`` refuses)."""
     return write_pair(directory, TENSORS, CONFIG, {k: v.half() for k, v in matcher.model.state_dict().items()},
                       {"format": FORMAT, "config": asdict(matcher.config), "encoder": matcher.encoder.to_json(),
-                       "vocab_size": matcher.vocab_size, "val_recall": matcher.recall})
+                       "vocab_size": matcher.model.embed.num_embeddings, "val_recall": matcher.recall})
 
 
 def read_matcher(directory: Path, encoder: EncoderConfig, vocab: Vocab) -> Matcher | None:
@@ -204,4 +203,4 @@ def read_matcher(directory: Path, encoder: EncoderConfig, vocab: Vocab) -> Match
     if not trained_on.same_features(encoder):
         raise CheckpointError(f"{path}: trained on another encoder's features ({trained_on.cache_key()}, this "
                               f"model's is {encoder.cache_key()}); re-create it with `captioner matching`")
-    return Matcher(model.eval(), config, trained_on, data["vocab_size"], data.get("val_recall", {}))
+    return Matcher(model.eval(), config, trained_on, data.get("val_recall", {}))

@@ -32,8 +32,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .encoder import Encoder, EncoderConfig, Preprocess, run_laid_out, split_encoder, state_digest
-from .errors import ConfigError, ImageLoadError
-from .features import FeatureCache, cache_complete, collate_images, fill_cache
+from .errors import ConfigError, DatasetError, ImageLoadError
+from .features import FeatureCache, cache_complete, cache_dir, collate_images, fill_cache
 from .images import load_image
 from .manifest import Record, load_manifest
 from .runtime import resolve_device
@@ -175,8 +175,6 @@ def model_features(data_dir: Path, config: EncoderConfig, encoder: Encoder, view
     """A checkpoint's own features, for what trains on top of it (``captioner scst``, ``captioner matching``):
     (N, views + 1, D) of the ``train`` records, view 0 the centre crop, through the CNN's tuned blocks; with
     ``views`` 0 the feature cache's one view (N, 1, D). And (N_val, D) centre crops of ``val``."""
-    from .errors import DatasetError
-    from .features import cache_dir
     if not views:
         cache = FeatureCache(cache_dir(data_dir, config))
         missing = [r.id for r in train if r.id in cache.failed]
