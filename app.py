@@ -31,6 +31,7 @@ MAX_FILE_SIZE = MAX_IMAGE_BYTES  # uploads and image URLs share one limit (capti
 PUBLIC_URLS = FetchConfig(allow_private=False)  # a public demo must not fetch from its own network (SSRF)
 CONCURRENCY, QUEUE_SIZE = 2, 64  # two decodes at a time keep a small CPU box responsive; the rest wait
 MAX_CAPTIONS, MAX_BEAM = 10, 10  # slider ranges; also enforced for API clients, which bypass the sliders
+MAX_SPECIFICITY = 1.0  # the specificity slider's range: beyond it captions trade too much accuracy (MODEL_CARD "Specificity")
 
 
 def example_images() -> list[str]:
@@ -52,7 +53,7 @@ def example_images() -> list[str]:
 
 def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, temperature: float, top_p: float,
                    beam_size: float, num_return: float, guide: bool = False,
-                   url: str | None = None) -> tuple[str, list[list], dict]:
+                   url: str | None = None, specificity: float | None = None) -> tuple[str, list[list], dict]:
     """One request: the best caption, the n-best table and what the CNN recognises (caption word ->
     probability, for ``gr.Label``); bad input becomes a ``gr.Error`` shown in the UI.
 
@@ -63,7 +64,8 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
     unchecked, so their bounds are enforced here for API clients too.
 
     Without an upload, ``url`` (the "Image URL" box) is fetched under ``PUBLIC_URLS``; text that is not
-    a URL is refused, never opened as a path on the server.
+    a URL is refused, never opened as a path on the server. ``specificity`` (beam only; None: the model's
+    recommended one) favours rarer words (``DecodeConfig.specificity``).
     """
     source = upload["path"] if upload is not None else (url or "").strip()
     if not source:
@@ -74,11 +76,15 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         beams, count = int(beam_size), int(num_return)
         if beams > MAX_BEAM or count > MAX_CAPTIONS:
             raise ValueError(f"beam size is limited to {MAX_BEAM} and the number of captions to {MAX_CAPTIONS}")
+        if specificity is not None and not 0 <= float(specificity) <= MAX_SPECIFICITY:
+            raise ValueError(f"specificity must be between 0 and {MAX_SPECIFICITY}")
         # Greedy has exactly one answer, so the count slider only matters for sample and beam.
         # Guidance is a constrained beam search: the checkbox only acts with the beam strategy.
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count,
-                                         guide=bool(guide) and strategy == "beam" and captioner.can_tag)
+                                         guide=bool(guide) and strategy == "beam" and captioner.can_tag,
+                                         **({} if specificity is None or strategy != "beam"
+                                            else {"specificity": float(specificity)}))
         features = captioner.features([source], fetch=PUBLIC_URLS)
         nbest = captioner.generate(features, config)[0]
         tags = captioner.tagger.tags(features, threshold=0.05)[0] if captioner.can_tag else []
@@ -100,11 +106,15 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
 EXPLAIN_OPTIONS = {"strategy": "beam"}  # the Caption tab's default: beam search as the model's decoding.json sets it
 
 
+def recommended_beam(captioner: Captioner | None) -> DecodeConfig:
+    """The beam search the model's checkpoint recommends (``decoding.json``, chosen on validation), else
+    ``DecodeConfig``'s: the beam and specificity sliders start there; ``None`` builds the UI without a model (tests)."""
+    return captioner.decode_config(strategy="beam") if captioner is not None else DecodeConfig(strategy="beam")
+
+
 def opening_beam_size(captioner: Captioner | None) -> int:
-    """The beam slider's starting value: the width the model's checkpoint recommends (``decoding.json``,
-    chosen on validation), else ``DecodeConfig``'s; ``None`` builds the UI without a model (tests)."""
-    config = captioner.decode_config(strategy="beam") if captioner is not None else DecodeConfig(strategy="beam")
-    return min(config.beam_size, MAX_BEAM)
+    """The beam slider's starting value: the width the model recommends."""
+    return min(recommended_beam(captioner).beam_size, MAX_BEAM)
 
 
 def explain_upload(captioner: Captioner, upload: dict | None, guide: bool = False) -> tuple[str, gr.Radio, object, list]:
@@ -172,6 +182,10 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                                           info="beam only; starts at the width this model was tuned for")
                     num_return = gr.Slider(1, MAX_CAPTIONS, value=3, step=1, label="Number of captions",
                                            info="sample / beam (at most the beam size); greedy gives one")
+                    specificity = gr.Slider(0.0, MAX_SPECIFICITY, value=recommended_beam(captioner).specificity,
+                                            step=0.05, label="Specificity", elem_id="specificity",
+                                            info="beam only: favour rarer, more specific words (0 = off); "
+                                                 "more varied captions, slightly less accurate on average")
                     guide = gr.Checkbox(value=True, label="Name what the CNN recognises", elem_id="guide",
                                         info="beam only: the caption must use the word of an object the CNN's "
                                              "ImageNet classifier is sure of (constrained beam search; "
@@ -190,7 +204,8 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                     tags = gr.Label(label="Recognised by the CNN (caption word, ImageNet class)", num_top_classes=5,
                                     elem_id="tags")
             button.click(functools.partial(caption_upload, captioner),
-                         inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide, image_url],
+                         inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide, image_url,
+                                 specificity],
                          outputs=[caption, nbest, tags], api_name="caption", preprocess=False)
         with gr.Tab("Explain"):
             gr.Markdown("Which pixels made the model say each word: click a word of the caption to see its "

@@ -23,7 +23,7 @@ from .matching import Matcher
 from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode, finish_static, greedy_static
 from .encoder import Encoder
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, VocabError
 from .explain import Explanation, GradCam, explain_image
 from .features import ImageFiles, collate_images
 from .fetch import FetchConfig
@@ -197,8 +197,9 @@ class Captioner:
             hyps = self._greedy(features, config)
         else:
             search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
+            rarity = self.rarity if config.specificity else None
             with autocast(self.precision, self.device):
-                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints)
+                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
             nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)
@@ -220,6 +221,14 @@ class Captioner:
         found = [[asdict(t) for t in per] for per in self.tagger.tags(self.features([images] if single else images),
                                                                        threshold, top)]
         return found[0] if single else found
+
+    @functools.cached_property
+    def rarity(self) -> torch.Tensor:
+        """(V,) ``Vocab.rarity`` on the model's device, for ``specificity``."""
+        try:
+            return torch.tensor(self.vocab.rarity(), device=self.device)
+        except VocabError as err:
+            raise ConfigError(f"specificity: {err}") from None
 
     @functools.cached_property
     def gradcam(self) -> GradCam:

@@ -180,6 +180,12 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True, matching: bo
     if decoding.get("match_weight") and matcher is None and matching:
         raise CheckpointError(f"{directory / DECODING}: recommends matching reranking, but the directory has no "
                               f"{MATCHING_CONFIG}; train it with `captioner matching` or re-run `captioner tune-decoding`")
+    if decoding.get("specificity"):
+        try:
+            vocab.rarity()
+        except VocabError as err:
+            raise CheckpointError(f"{directory / DECODING}: recommends a specificity, but {directory / VOCAB}: "
+                                  f"{err}") from None
     return Loaded(config, vocab, decoder_state, encoder.eval(), directory, calibration, decoding, consensus, matcher)
 
 

@@ -45,6 +45,11 @@ class DecodeConfig:
     # Matching reranking (beam only): order the beam's captions by the model's score + this x the cosine between
     # the photo and each caption in the checkpoint's matching model (``captioner/matching.py``). 0: off.
     match_weight: float = 0.0
+    # Specificity (beam only): hypotheses are ranked by their log-probability + this x the rarity of each word in
+    # the training captions (``Vocab.rarity``), a prior that favours the specific word ("poodle", "skateboarder")
+    # over the generic one ("dog", "man") when the model finds both likely; the hypotheses' log-probabilities stay
+    # the model's. More varied words for some BLEU (MODEL_CARD "Specificity"). 0: off.
+    specificity: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -67,6 +72,8 @@ class DecodeConfig:
             raise ConfigError("matching reranking reorders a beam's captions: use match_weight >= 0 with strategy 'beam'")
         if self.match_weight and self.consensus:
             raise ConfigError("choose one reranking: consensus or match_weight")
+        if self.specificity < 0 or (self.specificity and self.strategy != "beam"):
+            raise ConfigError("specificity ranks a beam's hypotheses: use specificity >= 0 with strategy 'beam'")
         if not 0 < self.guide_threshold <= 1:
             raise ConfigError(f"guide_threshold must be in (0, 1], got {self.guide_threshold}")
 
@@ -78,7 +85,9 @@ class DecodeConfig:
         beam = f" {self.beam_size}" + (f" (length penalty {self.length_penalty})" if self.length_penalty else "")
         consensus = f", consensus of {self.consensus} neighbours (weight {self.consensus_weight})" if self.consensus else ""
         match = f", reranked by image-caption match (weight {self.match_weight})" if self.match_weight else ""
-        return f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{consensus}{match}"
+        specific = f", specificity {self.specificity}" if self.specificity else ""
+        return (f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{specific}"
+                f"{consensus}{match}")
 
 
 @dataclass
@@ -143,16 +152,21 @@ def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) ->
 
 @torch.no_grad()
 def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
-           specials: SpecialIds = SpecialIds(), constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+           specials: SpecialIds = SpecialIds(), constraints: list[list[int]] | None = None,
+           rarity: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """(B, D) features -> for each image, ``num_return`` hypotheses best first.
 
     ``specials``: the vocabulary's special token ids (``vocab.specials``; every vocabulary has the default ones).
 
     ``constraints`` (beam only): per image, token ids of which the caption must contain at least one
     (an empty list leaves that image unconstrained).
+
+    ``rarity``: (V,) ``Vocab.rarity`` on the decoder's device; needed when ``config.specificity`` is set.
     """
+    if config.specificity and rarity is None:
+        raise ConfigError("specificity needs the vocabulary's word rarity (Vocab.rarity)")
     if config.strategy == "beam":
-        return _beam(decoder, features, config, specials, constraints)
+        return _beam(decoder, features, config, specials, constraints, rarity)
     return _sample(decoder, features, config, specials)
 
 
@@ -256,8 +270,11 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
 
 
 def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
-          constraints: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+          constraints: list[list[int]] | None = None, rarity: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step.
+
+    With ``config.specificity`` the ranking sum is ``logprob + specificity x the words' rarity`` instead: it is
+    carried beside the true log-probability (``rank``), which the hypotheses report.
 
     With ``constraints`` it is a constrained beam search (Anderson et al., 2017) for one disjunctive
     constraint: each image keeps two beams of ``k`` hypotheses, group 0 (no constraint word yet) and
@@ -277,26 +294,32 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     length = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     sources = _group_sources(constraints, b, decoder.config.vocab_size, device)
+    bonus = None if not config.specificity else config.specificity * rarity  # (V,); 0 for <pad>: finished rows keep their sum
+    rank = logprob
     for _ in range(config.max_len):
         logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*g*k, V)
         logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
+        cand_rank = cand if bonus is None else rank[..., None] + (logp + bonus).view(b, g, k, v)
         cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
-        rows, new_lp, new_len, new_tok = [], [], [], []
+        rows, new_lp, new_rank, new_len, new_tok = [], [], [], [], []
         for pool in sources:  # each target group's new k beams
-            # candidates of this group: (source group, allowed tokens (B, V)) pairs, side by side
-            c = torch.cat([cand[:, src].masked_fill(~allowed[:, None, :], float("-inf")) for src, allowed in pool], 1)
+            c = _side_by_side(cand, pool)
+            c_rank = c if bonus is None else _side_by_side(cand_rank, pool)
             c_len = torch.cat([cand_len[:, src] for src, _ in pool], 1)  # (B, len(pool)*k, V)
-            top = _penalised(c, c_len, alpha).view(b, -1).topk(k, dim=-1).indices  # (B, k)
+            top = _penalised(c_rank, c_len, alpha).view(b, -1).topk(k, dim=-1).indices  # (B, k)
             slot, token = top // v, top % v
             src_group = torch.tensor([src for src, _ in pool], device=device)[slot // k]  # (B, k)
             rows.append((torch.arange(b, device=device)[:, None] * g + src_group) * k + slot % k)
             new_lp.append(c.view(b, -1).gather(1, top))
+            if bonus is not None:
+                new_rank.append(c_rank.view(b, -1).gather(1, top))
             new_len.append(c_len.reshape(b, -1).gather(1, top))
             new_tok.append(token)
         rows_t = torch.stack(rows, 1).view(-1)  # (B*g*k,) source hypothesis of each new beam
         logprob = torch.stack(new_lp, 1)  # (B, g, k)
+        rank = logprob if bonus is None else torch.stack(new_rank, 1)
         length = torch.stack(new_len, 1).view(-1)
         token = torch.stack(new_tok, 1).view(-1)
         finished = finished[rows_t] | (token == specials.end)
@@ -306,13 +329,19 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         if finished.all():
             break
     flat_lp = logprob.view(-1)
-    hyps = _finish(history, flat_lp, _penalised(flat_lp, length, alpha), specials)
+    hyps = _finish(history, flat_lp, _penalised(rank.reshape(-1), length, alpha), specials)
     out = []
     for i in range(b):
         groups = [[h for h in hyps[(i * g + j) * k:(i * g + j + 1) * k] if h.logprob > float("-inf")] for j in range(g)]
         best = next((grp for grp in reversed(groups) if grp), [])
         out.append(sorted(best, key=lambda h: -h.score)[: config.num_return])
     return out
+
+
+def _side_by_side(cand: torch.Tensor, pool: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """(B, g, k, V) candidates -> (B, len(pool)*k, V): a target group's candidates, one block per (source group,
+    allowed tokens) pair of its pool, disallowed tokens at -inf."""
+    return torch.cat([cand[:, src].masked_fill(~allowed[:, None, :], float("-inf")) for src, allowed in pool], 1)
 
 
 def _group_sources(constraints: list[list[int]] | None, b: int, v: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,15 @@ class Vocab:
                 continue
             out.append(self.words[i])
         return out
+
+    def rarity(self) -> list[float]:
+        """Per id, how much rarer the word is in the training captions than the commonest word: log(top count /
+        count), 0 for the special tokens (so ``<end>`` counts as common as "a" and the bonus does not lengthen
+        captions by itself). ``DecodeConfig.specificity`` adds a multiple of it to each word's log-probability."""
+        if not any(self.counts.get(w, 0) for w in self.words[len(SPECIALS):]):
+            raise VocabError("this vocabulary has no word counts ('counts' in vocab.json), which specificity needs")
+        top = max(self.counts.get(w, 0) for w in self.words[len(SPECIALS):])
+        return [0.0] * len(SPECIALS) + [math.log(top / max(self.counts.get(w, 0), 1)) for w in self.words[len(SPECIALS):]]
 
     def to_json(self) -> dict:
         return {"words": self.words, "counts": {w: self.counts.get(w, 0) for w in self.words[4:]}}

@@ -36,6 +36,14 @@ def test_guided_caption_through_the_app_equals_the_api(app_server, good_image) -
     assert best == app_server.captioner.caption(str(good_image), strategy="beam", beam_size=3, guide=True)
 
 
+def test_specific_caption_through_the_app_equals_the_api(app_server, good_image) -> None:
+    best, table, _ = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, False, "", 0.8,
+                                                    api_name="/caption")
+    nbest = app_server.captioner.caption(str(good_image), strategy="beam", beam_size=3, num_return=3,
+                                         specificity=0.8)
+    assert best == nbest[0]["caption"] and [r[-1] for r in table["data"]] == [c["score"] for c in nbest]
+
+
 def test_bad_upload_is_a_clear_error_and_the_server_keeps_serving(app_server, bad_image, good_image) -> None:
     api = client(app_server.url)
     with pytest.raises(AppError, match=r"broken\.jpg: not an image"):
@@ -61,7 +69,9 @@ def test_oversized_upload_is_refused_by_the_server(app_server, good_image, tmp_p
 
 @pytest.mark.parametrize("options, reason", [(("beam", 1.0, 1.0, 2, 5), r"num_return \(5\) cannot exceed beam_size"),
                                              (("beam", 1.0, 1.0, 500, 1), "beam size is limited to 10"),
-                                             (("sample", 0.0, 1.0, 3, 1), "need temperature > 0")])
+                                             (("sample", 0.0, 1.0, 3, 1), "need temperature > 0"),
+                                             (("beam", 1.0, 1.0, 3, 1, False, "", 5.0),
+                                              "specificity must be between 0 and 1.0")])
 def test_invalid_options_are_reported(app_server, good_image, options, reason) -> None:
     """API clients bypass the sliders' ranges; the handler still refuses, with the reason."""
     with pytest.raises(AppError, match=reason):

@@ -97,7 +97,8 @@ def test_tune_decoding_measures_reranked_settings_as_evaluate_does_and_can_recom
                                                                                           tmp_path):
     assert main(["consensus-index", str(data_dir), "--checkpoint", str(model)]) == 0
     assert main(["tune-decoding", str(data_dir), "--checkpoint", str(model), "--device", "cpu", "--beam-sizes", "3",
-                 "--length-penalties", "0", "--consensus", "1,3", "--consensus-weights", "0,0.3"]) == 0
+                 "--length-penalties", "0", "--consensus", "1,3", "--consensus-weights", "0,0.3", "--specificities", "0",
+                 "--cider-tie", "0"]) == 0
     result = json.loads((model / DECODING).read_text())
     rows = result["grid"]["rows"]
     assert [(r.get("consensus"), r.get("consensus_weight")) for r in rows] == [

@@ -14,7 +14,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import build_parser, main
 from captioner.errors import CheckpointError, ConfigError
 from captioner.manifest import load_manifest, split_records
-from captioner.tuning import DECODING, FORMAT, TuneConfig
+from captioner.tuning import DECODING, FORMAT, TuneConfig, choose
 
 from app_fixtures import load_app
 
@@ -33,12 +33,12 @@ def recommend(directory: Path, defaults: dict) -> None:
 
 def test_tune_decoding_measures_every_setting_as_evaluate_does_and_picks_by_its_rule(model, data_dir, capsys):
     assert main(["tune-decoding", str(data_dir), "--checkpoint", str(model), "--device", "cpu",
-                 "--beam-sizes", "1,3", "--length-penalties", "0,2"]) == 0
+                 "--beam-sizes", "1,3", "--length-penalties", "0,2", "--specificities", "0", "--cider-tie", "0"]) == 0
     result = json.loads((model / DECODING).read_text())
     rows = result["grid"]["rows"]
     assert [(r["beam_size"], r["length_penalty"]) for r in rows] == [(1, 0.0), (1, 2.0), (3, 0.0), (3, 2.0)]
     eligible = [r for r in rows if r["bleu4"] >= rows[0]["bleu4"]]
-    best = max(eligible, key=lambda r: r["cider_d"])
+    best = max(eligible, key=lambda r: (r["cider_d"], r["distinct_words"]))
     assert result["defaults"] == {"strategy": "beam", "beam_size": best["beam_size"],
                                   "length_penalty": best["length_penalty"], "guide": False}
     assert result["split"] == "val"
@@ -104,6 +104,17 @@ def test_export_keeps_one_models_decoding_and_gives_an_ensemble_none(model, tmp_
     assert not (tmp_path / "two" / DECODING).exists()
 
 
+def test_settings_within_the_cider_tie_go_to_the_one_with_the_most_distinct_words():
+    def row(bleu4: float, cider_d: float, words: int, beam: int) -> dict:
+        return {"strategy": "beam", "beam_size": beam, "length_penalty": 0.0, "bleu4": bleu4, "cider_d": cider_d,
+                "distinct_words": words}
+    rows = [row(0.20, 0.50, 200, 3), row(0.21, 0.530, 250, 4), row(0.21, 0.527, 310, 5), row(0.21, 0.520, 400, 6),
+            row(0.19, 0.531, 500, 7)]  # the last: more words, but a worse BLEU-4 than the reference
+    assert choose(rows)["beam_size"] == 4
+    assert choose(rows, cider_tie=0.005)["beam_size"] == 5
+    assert choose(rows, cider_tie=0.02)["beam_size"] == 6
+
+
 def test_decoding_is_never_chosen_on_the_test_split():
     with pytest.raises(ConfigError, match="validation"):
         TuneConfig(split="test")
@@ -113,9 +124,11 @@ def test_the_bundled_models_decoding_was_chosen_on_val_by_its_rule():
     result = json.loads((default_checkpoint() / DECODING).read_text())
     rows = result["grid"]["rows"]
     assert result["split"] == "val" and len(rows) >= 4
-    chosen = max((r for r in rows if r["bleu4"] >= rows[0]["bleu4"]), key=lambda r: r["cider_d"])
-    assert result["defaults"]["beam_size"] == chosen["beam_size"]
-    assert result["defaults"]["length_penalty"] == chosen["length_penalty"]
-    assert result["defaults"].get("match_weight") == chosen.get("match_weight")
+    eligible = [r for r in rows if r["bleu4"] >= rows[0]["bleu4"]]
+    best = max(r["cider_d"] for r in eligible)
+    tie = result["grid"].get("cider_tie", 0.0)
+    chosen = max((r for r in eligible if r["cider_d"] >= best - tie), key=lambda r: (r["distinct_words"], r["cider_d"]))
+    for option in ("beam_size", "length_penalty", "match_weight", "specificity"):
+        assert result["defaults"].get(option) == chosen.get(option)
     assert Captioner.from_pretrained(device="cpu").decode_config().to_json() == {
         **Captioner.from_pretrained(device="cpu").decode_config(strategy="greedy").to_json(), **result["defaults"]}
