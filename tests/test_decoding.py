@@ -7,26 +7,9 @@ import torch
 
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeConfig, decode
-from captioner.encoder import EncoderConfig
-from captioner.model import CaptionDecoder
 from captioner.vocab import SpecialIds
 
-
-@pytest.fixture(scope="module")
-def decoder() -> CaptionDecoder:
-    """A random decoder with a peaked output layer, so captions are varied and end at various lengths."""
-    torch.manual_seed(3)
-    enc = EncoderConfig(name="mobilenet_v2", weights="none", feature_dim=24)
-    dec = CaptionDecoder(ModelConfig(vocab_size=40, encoder=enc, hidden=32, embed=16, dropout=0.0)).eval()
-    with torch.no_grad():
-        dec.out.weight.mul_(8.0)
-        dec.out.bias[2] += 1.5  # <end> likely enough that most captions finish
-    return dec
-
-
-@pytest.fixture(scope="module")
-def feats() -> torch.Tensor:
-    return torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
+from decoder_fixtures import decoder, feats, model_logprob  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("options", [dict(strategy="greedy"), dict(strategy="sample", num_return=3, seed=0),
@@ -88,15 +71,7 @@ def test_beam_finds_at_least_the_greedy_logprob(decoder, feats):
 
 def test_logprob_is_the_model_probability_of_the_caption(decoder, feats):
     hyp = decode(decoder, feats[:1], DecodeConfig(strategy="beam", beam_size=3, max_len=12))[0][0]
-    seq = [1] + hyp.tokens + ([2] if len(hyp.tokens) < 12 else [])
-    state, total = decoder.init_state(feats[:1]), 0.0
-    with torch.no_grad():
-        for prev, nxt in zip(seq[:-1], seq[1:]):
-            logits, state = decoder.step(torch.tensor([prev]), state)
-            logp = torch.log_softmax(logits, -1)
-            logp[0, [0, 1, 3]] = float("-inf")
-            total += logp[0, nxt].item()
-    assert hyp.logprob == pytest.approx(total, abs=1e-4)
+    assert hyp.logprob == pytest.approx(model_logprob(decoder, feats[0], hyp.tokens, 12), abs=1e-4)
 
 
 def test_batched_and_one_by_one_beam_identical(decoder, feats):

@@ -13,50 +13,20 @@ import torch
 
 from captioner.api import Captioner
 from captioner.cli import main
-from captioner.config import ModelConfig
 from captioner.decoding import DecodeConfig, decode
-from captioner.encoder import EncoderConfig
 from captioner.errors import CheckpointError, ConfigError, VocabError
-from captioner.model import CaptionDecoder
 from captioner.tuning import DECODING
 from captioner.vocab import Vocab
 
+from decoder_fixtures import decoder, feats, model_logprob  # noqa: F401 (fixtures)
+
 MAX_LEN = 12
-
-
-@pytest.fixture(scope="module")
-def decoder() -> CaptionDecoder:
-    torch.manual_seed(3)
-    enc = EncoderConfig(name="mobilenet_v2", weights="none", feature_dim=24)
-    dec = CaptionDecoder(ModelConfig(vocab_size=40, encoder=enc, hidden=32, embed=16, dropout=0.0)).eval()
-    with torch.no_grad():
-        dec.out.weight.mul_(8.0)
-        dec.out.bias[2] += 1.5  # <end> likely enough that most captions finish
-    return dec
-
-
-@pytest.fixture(scope="module")
-def feats() -> torch.Tensor:
-    return torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
 
 
 def rarity(seed: int = 5) -> torch.Tensor:
     r = torch.rand(40, generator=torch.Generator().manual_seed(seed)) * 3
     r[:4] = 0.0  # the special tokens, as Vocab.rarity gives them
     return r
-
-
-def model_logprob(decoder: CaptionDecoder, feat: torch.Tensor, tokens: list[int]) -> float:
-    """The model's log-probability of ``tokens`` (+ <end> unless cut at MAX_LEN), by teacher forcing."""
-    seq = [1] + tokens + ([2] if len(tokens) < MAX_LEN else [])
-    state, total = decoder.init_state(feat[None]), 0.0
-    with torch.no_grad():
-        for prev, nxt in zip(seq[:-1], seq[1:]):
-            logits, state = decoder.step(torch.tensor([prev]), state)
-            logp = torch.log_softmax(logits, -1)
-            logp[0, [0, 1, 3]] = float("-inf")
-            total += logp[0, nxt].item()
-    return total
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
@@ -69,7 +39,7 @@ def test_the_beam_ranks_by_logprob_plus_rarity_and_reports_the_models_logprob(de
         for h in hyps:
             length = len(h.tokens) + (len(h.tokens) < MAX_LEN)
             assert h.score == pytest.approx((h.logprob + s * float(r[h.tokens].sum())) / length ** alpha, rel=1e-5)
-            assert h.logprob == pytest.approx(model_logprob(decoder, feat, h.tokens), abs=1e-4)
+            assert h.logprob == pytest.approx(model_logprob(decoder, feat, h.tokens, MAX_LEN), abs=1e-4)
 
 
 def test_more_specificity_says_rarer_words(decoder, feats):
