@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +69,11 @@ def _write(work: Path, config: ModelConfig, vocab: Vocab, tensors: dict[str, tor
 
 
 def save_checkpoint(target: Path, config: ModelConfig, vocab: Vocab, decoder: nn.Module, encoder: Encoder | None,
-                    trainer_tensors: dict[str, torch.Tensor] | None = None, trainer_json: dict | None = None) -> Path:
-    """Write a checkpoint and atomically point ``target`` (a symlink) at it; return the real directory."""
+                    trainer_tensors: dict[str, torch.Tensor] | None = None, trainer_json: dict | None = None,
+                    side_files: Callable[[Path], object] | None = None) -> Path:
+    """Write a checkpoint and atomically point ``target`` (a symlink) at it; return the real directory.
+    ``side_files(directory)`` writes files that belong with these weights (e.g. the matching model a
+    self-critical policy was rewarded by) into the new directory before it is published."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     version = 0
@@ -86,6 +90,8 @@ def save_checkpoint(target: Path, config: ModelConfig, vocab: Vocab, decoder: nn
     if trainer_tensors is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainer_tensors.items()}, str(work / STATE_TENSORS))
         (work / STATE_JSON).write_text(json.dumps(trainer_json or {}, indent=1))
+    if side_files is not None:
+        side_files(work)
     for f in work.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -456,6 +456,8 @@ def cmd_export(args) -> int:
 
 SCST_HELP = {"init_from": "checkpoint directory or bundled model name to start from",
              "xe_weight": "add this times the cross-entropy of one training reference per image (keeps vocabulary)",
+             "match_weight": "reward = CIDEr-D + this times the photo-caption cosine of a matching model",
+             "matching": "checkpoint (or bundled model) whose matching model --match-weight uses; default: --init-from's",
              "batch_size": "images per step", "samples": "sampled captions per image",
              "baseline": "mean of the image's other samples, or the greedy caption's reward",
              "val_beam": "beam width of the validation decoding",

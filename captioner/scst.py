@@ -13,6 +13,11 @@ frozen encoder's features from the cache, so a step is the decoder's sampling pl
 over the samples. Sampling reuses ``decoding.decode`` (strategy ``sample``) and the reward is the project's
 own CIDEr-D (``metrics.CiderD``, document frequencies of the training references, as in the paper).
 The best epoch by validation CIDEr-D of beam search (the shipped decoding setting) is kept in ``best/``.
+
+CIDEr-D alone rewards the consensus wording, so SCST made captions plainer (a third of the vocabulary gone,
+MODEL_CARD.md). ``match_weight`` adds a discriminability term (Luo et al., 2018, "Discriminability objective
+for training descriptive captions"): the cosine between the photo and the sampled caption in the checkpoint's
+image-caption matching model (``captioner/matching.py``), which is high for what is specific to *this* photo.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .decoding import DecodeConfig, Hypothesis, decode
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_features, score
 from .manifest import load_manifest, split_records
+from .matching import Matcher, read_matcher, save_matcher
 from .metrics import CiderD
 from .model import build_decoder
 from .views import draw_views, model_features
@@ -61,14 +67,20 @@ class ScstConfig:
     # >0: add this times the cross-entropy (per token) of one random training reference per image to the loss, so
     # the policy keeps the references' wording while it chases CIDEr-D (SCST alone cut the vocabulary by a third)
     xe_weight: float = 0.0
+    # >0: reward = CIDEr-D + this x cosine(photo, caption) in a matching model (within one photo's samples the
+    # cosine's spread is about half CIDEr-D's, 0.11 against 0.21, so 1-2 weighs them alike)
+    match_weight: float = 0.0
+    # the checkpoint directory (or bundled model name) whose matching model gives that cosine; "" = init_from's.
+    # It must read the same features (encoder and tuned blocks) as init_from; it is saved into best/ beside the policy
+    matching: str = ""
     log_every: int = 20
 
     def __post_init__(self) -> None:
         if not self.init_from:
             raise ConfigError("--init-from is required: SCST fine-tunes a model trained with cross-entropy "
                               "(`captioner train`'s best/)")
-        if self.xe_weight < 0:
-            raise ConfigError(f"xe_weight must be >= 0, got {self.xe_weight}")
+        if self.xe_weight < 0 or self.match_weight < 0:
+            raise ConfigError(f"xe_weight and match_weight must be >= 0, got {self.xe_weight}, {self.match_weight}")
         if self.baseline not in BASELINES:
             raise ConfigError(f"baseline must be one of {', '.join(BASELINES)}; got {self.baseline!r}")
         if self.samples < (2 if self.baseline == "mean" else 1):
@@ -119,6 +131,7 @@ class ScstTrainer:
         self.decoder = build_decoder(loaded.config)
         self.decoder.load_state_dict({k: v.float() for k, v in loaded.decoder_state.items()})
         self.decoder.to(self.device)
+        self.matcher = self._matcher(loaded) if config.match_weight else None
         records = load_manifest(self.data_dir)
         self.train_records = split_records(records, "train")
         self.val_records = split_records(records, "val")
@@ -140,9 +153,26 @@ class ScstTrainer:
                                           num_return=config.samples, temperature=config.temperature)
         self.greedy_config = DecodeConfig(strategy="greedy", max_len=self.model_config.max_len)
 
-    def rewards(self, image_ids: list[int], hyps: list[Hypothesis]) -> torch.Tensor:
-        """CIDEr-D of each caption against its image's training references."""
-        return torch.tensor([self.scorer.score(i, self.vocab.decode(h.tokens)) for i, h in zip(image_ids, hyps)])
+    def _matcher(self, loaded) -> Matcher:
+        """The matching model of ``config.matching`` (or of the starting checkpoint). ``read_matcher`` refuses
+        one trained on other features (another CNN, other tuned blocks): its cosine would mean nothing here."""
+        source = resolve_model(self.config.matching) if self.config.matching else loaded.directory
+        matcher = read_matcher(Path(source), self.model_config.encoder, self.vocab)
+        if matcher is None:
+            raise ConfigError(f"{source}: has no matching model (matching.json) for --match-weight; train one with "
+                              "`captioner matching DATA --checkpoint ...` or name another with --matching")
+        return Matcher(matcher.model.to(self.device), matcher.config, matcher.encoder, matcher.recall)
+
+    def rewards(self, image_ids: list[int], hyps: list[Hypothesis], feats: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Reward of each caption: CIDEr-D against its image's training references, plus ``match_weight`` x
+        its match with its photo (``feats``: one row per caption) when a matching model is in use; and the
+        mean of each part, for the log."""
+        cider = torch.tensor([self.scorer.score(i, self.vocab.decode(h.tokens)) for i, h in zip(image_ids, hyps)])
+        if self.matcher is None:
+            return cider, {"cider": cider.mean().item()}
+        match = torch.tensor(self.matcher.similarity(feats, self.vocab, [self.vocab.decode(h.tokens) for h in hyps],
+                                                     list(range(len(hyps)))))
+        return cider + self.config.match_weight * match, {"cider": cider.mean().item(), "match": match.mean().item()}
 
     def reference_loss(self, index: torch.Tensor, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Cross-entropy per token of one training reference per image, drawn with ``generator``: the
@@ -163,11 +193,12 @@ class ScstTrainer:
         samples = [h for per in decode(self.decoder, feats, DecodeConfig(**{**asdict(self.sample_config), "seed": seed}),
                                        vocab.specials) for h in per]
         s = cfg.samples
-        rewards = self.rewards([i for i in ids for _ in range(s)], samples).view(-1, s)  # (B, S)
+        rewards, parts = self.rewards([i for i in ids for _ in range(s)], samples, feats.repeat_interleave(s, 0))
+        rewards = rewards.view(-1, s)  # (B, S)
         greedy = None
         if cfg.baseline == "greedy":
             best = [per[0] for per in decode(self.decoder, feats, self.greedy_config, vocab.specials)]
-            greedy = self.rewards(ids, best)
+            greedy = self.rewards(ids, best, feats)[0]
         adv = advantages(rewards, cfg.baseline, greedy).view(-1).to(self.device)  # (B*S,)
         tokens = sampled_tokens(samples, self.model_config.max_len, vocab.specials)
         logp = sequence_logprob(self.decoder, feats.repeat_interleave(s, 0), tokens.to(self.device), vocab.specials.pad,
@@ -183,7 +214,7 @@ class ScstTrainer:
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise TrainingError(f"non-finite SCST loss/gradient ({loss.item()}, norm {grad_norm.item()})")
         self.optimizer.step()
-        return {"loss": loss.item(), "xe": None if xe is None else xe.item(), "reward": rewards.mean().item(),
+        return {"loss": loss.item(), "xe": None if xe is None else xe.item(), "reward": rewards.mean().item(), **parts,
                 "advantage_abs": adv.abs().mean().item(),
                 "greedy_reward": None if greedy is None else greedy.mean().item(),
                 "sample_words": lengths.mean().item(), "grad_norm": grad_norm.item()}
@@ -232,5 +263,7 @@ class ScstTrainer:
               f"{metrics['CIDEr']:.4f} words/caption {metrics['mean_words']:.2f} distinct words "
               f"{metrics['distinct_words']}" + ("  (best)" if improved else ""), flush=True)
         if improved:
-            save_checkpoint(self.out / "best", self.model_config, self.vocab, self.decoder, self.encoder)
+            side = (lambda directory: save_matcher(self.matcher, directory)) if self.matcher is not None else None
+            save_checkpoint(self.out / "best", self.model_config, self.vocab, self.decoder, self.encoder,
+                            side_files=side)
         return max(best, metrics["CIDEr"])

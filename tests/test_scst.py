@@ -109,3 +109,54 @@ def test_xe_weight_pulls_the_policy_towards_the_references(trained_run, data_dir
             assert (row["xe"] is None) == (weight == 0.0)
         change[weight] = reference_xe() - before
     assert change[20.0] < 0 < change[0.0] and change[0.0] - change[20.0] > 0.005, change
+
+
+@pytest.fixture
+def matched_model(trained_run, tmp_path):
+    """The tiny trained model, copied, with a small matching model trained beside it."""
+    import shutil
+    directory = tmp_path / "model"
+    shutil.copytree(trained_run / "best", directory)
+    return directory
+
+
+def test_match_weight_rewards_captions_that_match_their_photo(matched_model, data_dir, tmp_path):
+    """The same SCST steps raise the samples' match with their photos more when the reward includes it, and
+    best/ carries the matching model that shaped the reward."""
+    from captioner.scst import ScstConfig, ScstTrainer
+    assert main(["matching", str(data_dir), "--checkpoint", str(matched_model), "--views", "0", "--epochs", "30",
+                 "--embed", "16", "--hidden", "32", "--joint", "32", "--batch-size", "16"]) == 0
+    index = torch.arange(16)
+    rise = {}
+    for weight in (0.0, 50.0):
+        trainer = ScstTrainer(data_dir, tmp_path / f"w{weight}", ScstConfig(
+            init_from=str(matched_model), lr=3e-3, batch_size=16, match_weight=weight))
+        judge = Captioner.from_pretrained(matched_model).matcher  # the same model scores both runs
+        feats = trainer.features[index, trainer.view_of[index]]
+
+        def mean_match() -> float:  # of 10 samples per photo, the same draws for both runs
+            with torch.no_grad():
+                hyps = decode(trainer.decoder, feats, DecodeConfig(strategy="sample", num_return=10, seed=7,
+                                                                   max_len=trainer.model_config.max_len),
+                              trainer.vocab.specials)
+            flat = [(i, h) for i, per in enumerate(hyps) for h in per]
+            sims = judge.similarity(feats, trainer.vocab, [trainer.vocab.decode(h.tokens) for _, h in flat],
+                                    [i for i, _ in flat])
+            return sum(sims) / len(sims)
+        before = mean_match()
+        for k in range(20):
+            row = trainer.step(index, torch.Generator().manual_seed(k + 1))
+            assert ("match" in row) == (weight > 0)
+        rise[weight] = mean_match() - before
+    assert rise[50.0] > rise[0.0] + 0.02, rise
+    trainer.config.epochs = 0
+    trainer.fit()  # scores the start and writes it as best/
+    assert Captioner.from_pretrained(tmp_path / "w50.0" / "best").matcher is not None
+
+
+def test_match_weight_needs_a_matching_model(trained_run, data_dir, tmp_path):
+    from captioner.scst import ScstConfig, ScstTrainer
+    with pytest.raises(ConfigError, match="no matching model"):
+        ScstTrainer(data_dir, tmp_path / "x", ScstConfig(init_from=str(trained_run / "best"), match_weight=1.0))
+    with pytest.raises(ConfigError, match="match_weight must be >= 0"):
+        ScstConfig(init_from="fast", match_weight=-1.0)
