@@ -1,7 +1,8 @@
-"""Single-photo latency on a CPU: ``Captioner.caption(path)`` with the decoder step on one thread at few rows
-(``CaptionDecoder.ONE_THREAD_ROWS``, the default) against the step on all of torch's threads (the old
-behaviour, ``ONE_THREAD_ROWS = 0``: ``lstm_cell`` + ``nn.Linear`` on all threads), interleaved in one run so both see the same machine load, next to one
-encoder call at batch 1; and a check that the captions are the same both ways on real test photos.
+"""Single-photo latency on a CPU: ``Captioner.caption(path)`` with the decoder step on ONNX Runtime (the default
+when installed, ``Captioner.cpu_runtime``), on torch's one-thread small-batch path (``cpu_runtime = "torch"``,
+``CaptionDecoder.ONE_THREAD_ROWS``) and on all of torch's threads (``ONE_THREAD_ROWS = 0``: ``lstm_cell`` +
+``nn.Linear``), interleaved in one run so all see the same machine load, next to one encoder call at batch 1;
+and a check that the captions are the same every way on real test photos.
 
     python benchmarks/single_photo.py                  # 200 Flickr8k test photos, 5 interleaved rounds
     python benchmarks/single_photo.py --photos 50 --rounds 2
@@ -44,36 +45,40 @@ def main(argv: list[str] | None = None) -> int:
     cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
     print(f"# {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
 
-    def with_rows(rows: int, fn):
-        CaptionDecoder.ONE_THREAD_ROWS = rows
+    ways = {"caption onnxruntime": ("onnxruntime", ONE_THREAD_ROWS), "caption torch one thread": ("torch", ONE_THREAD_ROWS),
+            "caption torch all threads": ("torch", 0)}
+
+    def way(label: str, fn):
+        cap.cpu_runtime, CaptionDecoder.ONE_THREAD_ROWS = ways[label]
         try:
             return fn()
         finally:
-            CaptionDecoder.ONE_THREAD_ROWS = ONE_THREAD_ROWS
+            cap.cpu_runtime, CaptionDecoder.ONE_THREAD_ROWS = "auto", ONE_THREAD_ROWS
 
     changed = {}
     for name, options in (("greedy", {"strategy": "greedy"}),
-                          ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False})):
-        new = [cap.caption(p, **options) for p in paths]
-        old = with_rows(0, lambda: [cap.caption(p, **options) for p in paths])
-        changed[name] = sum(a != b for a, b in zip(new, old))
-        print(f"caption(path) {name} on {len(paths)} test photos: {changed[name]} captions differ")
+                          ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False}),
+                          ("recommended", {})):  # the checkpoint's decoding.json, as the app and the CLI decode
+        captions = {label: way(label, lambda: [cap.caption(p, **options) for p in paths]) for label in ways}
+        first = captions["caption onnxruntime"]
+        changed[name] = sum(any(c[i] != first[i] for c in captions.values()) for i in range(len(paths)))
+        print(f"caption(path) {name} on {len(paths)} test photos: {changed[name]} captions differ between the ways")
 
     timed = paths[:40]
     pixels = [cap.preprocess(load_image(p))[None] for p in timed]
-    wall: dict[str, list[float]] = {"encode b1": [], "caption one thread": [], "caption all threads": []}
-    for _ in range(args.rounds):  # per photo: the encoder alone, then both ways, so all see the same load
+    wall: dict[str, list[float]] = {"encode b1": [], **{label: [] for label in ways}}
+    for _ in range(args.rounds):  # per photo: the encoder alone, then every way, so all see the same load
         for x, p in zip(pixels, timed):
             t0 = time.perf_counter()
             cap.encode(x)
             wall["encode b1"].append(time.perf_counter() - t0)
-            for label, rows in (("caption one thread", ONE_THREAD_ROWS), ("caption all threads", 0)):
+            for label in ways:
                 t0 = time.perf_counter()
-                with_rows(rows, lambda: cap.caption(p, strategy="greedy"))
+                way(label, lambda: cap.caption(p, strategy="greedy"))
                 wall[label].append(time.perf_counter() - t0)
     enc = statistics.median(wall["encode b1"])
     for label, values in wall.items():
-        print(f"{label:22s} p10 {ms(values, 10)} ms, p50 {ms(values, 50)} ms, p90 {ms(values, 90)} ms"
+        print(f"{label:26s} p10 {ms(values, 10)} ms, p50 {ms(values, 50)} ms, p90 {ms(values, 90)} ms"
               + ("" if label == "encode b1" else f"; p50 / encode b1 p50 = {statistics.median(values) / enc:.2f}"))
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
     return 1 if any(changed.values()) else 0

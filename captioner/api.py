@@ -31,6 +31,7 @@ from .graphs import GraphedCall
 from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
 from .model import CaptionDecoder, EnsembleDecoder, build_decoder
+from .onnx_step import RUNTIMES
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 from .tokenizer import detokenize
 from .vocab import Vocab
@@ -109,6 +110,22 @@ class Captioner:
         self.graphs = False
         self._moments = self.preprocess.moments(self.device)
         self._graphed: dict[tuple, GraphedCall] = {}
+
+    @property
+    def cpu_runtime(self) -> str:
+        """Who runs the LSTM decoder's inference step on a CPU: ``auto`` (ONNX Runtime when installed, the
+        default), ``onnxruntime`` or ``torch`` (``captioner/onnx_step.py``; the same captions either way)."""
+        return self._decoders()[0].cpu_runtime
+
+    @cpu_runtime.setter
+    def cpu_runtime(self, runtime: str) -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"cpu_runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        for decoder in self._decoders():
+            decoder.cpu_runtime = runtime
+
+    def _decoders(self) -> list[CaptionDecoder]:
+        return list(getattr(self.decoder, "members", [self.decoder]))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "auto",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .onnx_step import RUNTIMES, OnnxStep, available as onnx_available
 
 State = tuple[torch.Tensor, ...]  # each (layers, B, hidden): (h,) for gru/rnn, (h, c) for lstm
 
@@ -35,6 +36,9 @@ class CaptionDecoder(nn.Module):
                            dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.out = nn.Linear(config.hidden, config.vocab_size)
+        # who runs the small-batch CPU step of an LSTM: "onnxruntime" (``captioner/onnx_step.py``: both cores,
+        # 3x faster at one row), "torch", or "auto" = onnxruntime when it is installed
+        self.cpu_runtime = RUNTIMES[0]
         if config.cell == "lstm":
             self._open_forget_gates()
 
@@ -76,8 +80,9 @@ class CaptionDecoder(nn.Module):
         mask = targets != pad_id  # (B, T-1)
         return self.out(self.drop(out[mask])), targets[mask]  # (n_real, V), (n_real,)
 
-    #: rows up to which ``step`` takes the small-batch CPU path (``_step_small``): one thread, and for an
-    #: LSTM at inference one matrix product over pre-transposed, concatenated input and recurrent weights.
+    #: rows up to which ``step`` takes the small-batch torch CPU path (``_step_small``) when ONNX Runtime does
+    #: not run the step: one thread, and for an LSTM at inference one matrix product over pre-transposed,
+    #: concatenated input and recurrent weights.
     #: Why one thread: at few rows the products are matrix-vector products that MKL runs on one thread
     #: anyway, but the cell's ``tanh`` (MKL VML) opens a parallel region per call, and on a busy machine
     #: waiting for the second thread costs a scheduler time slice: on the shared 2-core CPU one step at 1
@@ -93,30 +98,45 @@ class CaptionDecoder(nn.Module):
 
         Runs ``self.rnn``'s own weights through the fused single-step cell functions: for one time
         step they are several times faster on CPU than ``nn.LSTM``'s oneDNN sequence path, and give
-        the same numbers. On a CPU, up to ``ONE_THREAD_ROWS`` rows take ``_step_small`` (the same
-        numbers up to float rounding: captions of 200 Flickr8k test photos unchanged, greedy and beam 3).
+        the same numbers. An LSTM at inference on a CPU runs on ONNX Runtime when ``cpu_runtime`` allows
+        (``captioner/onnx_step.py``: 2.2-3.3x faster at every batch size measured, 1 to 500 rows), else up
+        to ``ONE_THREAD_ROWS`` rows on ``_step_small``. Both give the same numbers up to float rounding
+        (captions of Flickr8k test photos compared in benchmarks/README.md and tests/test_onnx_step.py).
         """
-        if tokens.device.type == "cpu" and tokens.shape[0] <= self.ONE_THREAD_ROWS:
-            with _one_cpu_thread():
-                return self._step_small(tokens, state)
+        if tokens.device.type == "cpu":
+            prepared = self._prepared()
+            onnx = self._onnx_step(prepared, torch.get_num_threads()) if prepared is not None else None
+            if onnx is not None:
+                logits, h, c = onnx(tokens, state[0], state[1])
+                return logits, (h, c)
+            if prepared is not None and tokens.shape[0] <= self.ONE_THREAD_ROWS:
+                with _one_cpu_thread():
+                    return self._step_small(tokens, state, prepared)
         return self._step(tokens, state)
 
-    def _step_small(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """``_step`` for an LSTM at inference as ``gates = [x, h] @ W + b`` with ``W`` (E+H, 4H) the
-        pre-transposed concatenation of ``weight_ih`` and ``weight_hh`` (kept until the weights change),
-        then PyTorch's gate order (input, forget, cell, output); anything else runs ``_step``."""
+    def _prepared(self) -> tuple | None:
+        """For an LSTM at inference: ``(key, layers, out_t)`` with each layer's ``(W, b)``, ``W`` (E+H, 4H) the
+        pre-transposed concatenation of ``weight_ih`` and ``weight_hh``, and ``out_t`` the transposed
+        vocabulary projection; kept until the weights change (``key``). None when the step must run through
+        autograd or the weights cannot be versioned."""
         if self.config.cell != "lstm" or self.training or torch.is_grad_enabled():
-            return self._step(tokens, state)
-        params = [p for layer in range(self.config.layers) for p in self._layer_weights(layer)] + [self.out.weight]
-        try:
-            key = [(p.data_ptr(), p.dtype, p._version) for p in params]  # any in-place update bumps _version
+            return None
+        params = [p for layer in range(self.config.layers) for p in self._layer_weights(layer)] + [
+            self.out.weight, self.out.bias, self.embed.weight]
+        try:  # any in-place update bumps _version
+            key = [(p.data_ptr(), p.dtype, p._version) for p in params]
         except RuntimeError:  # weights created under inference_mode keep no version counter
-            return self._step(tokens, state)
+            return None
         if getattr(self, "_small_cache", (None,))[0] != key:
             layers = [(torch.cat([w_ih, w_hh], 1).t().contiguous(), (b_ih + b_hh).contiguous())
                       for w_ih, w_hh, b_ih, b_hh in map(self._layer_weights, range(self.config.layers))]
             self._small_cache = (key, layers, self.out.weight.t().contiguous())
-        _, layers, out_t = self._small_cache
+        return self._small_cache
+
+    def _step_small(self, tokens: torch.Tensor, state: State, prepared: tuple) -> tuple[torch.Tensor, State]:
+        """``_step`` as ``gates = [x, h] @ W + b`` over ``_prepared``'s weights, then PyTorch's gate order
+        (input, forget, cell, output)."""
+        _, layers, out_t = prepared
         x, hs, cs = self.embed(tokens), [], []  # (N, E)
         for layer, (w, b) in enumerate(layers):
             gates = torch.addmm(b, torch.cat([x, state[0][layer]], 1), w)  # (N, 4H)
@@ -126,6 +146,21 @@ class CaptionDecoder(nn.Module):
             hs.append(x)
             cs.append(c)
         return torch.addmm(self.out.bias, x, out_t), (torch.stack(hs), torch.stack(cs))
+
+    def _onnx_step(self, prepared: tuple, threads: int) -> OnnxStep | None:
+        """The ONNX Runtime step over ``_prepared``'s weights when ``cpu_runtime`` asks for it (``auto``: when
+        installed), else None; kept until the weights or the thread count change (switching runtimes back
+        and forth rebuilds nothing)."""
+        if self.cpu_runtime not in RUNTIMES:
+            raise ValueError(f"cpu_runtime must be one of {', '.join(RUNTIMES)}, got {self.cpu_runtime!r}")
+        if self.cpu_runtime == "torch" or (self.cpu_runtime == "auto" and not onnx_available()):
+            return None
+        if not onnx_available():
+            raise ImportError("cpu_runtime 'onnxruntime' needs `pip install onnxruntime onnx`")
+        key, layers, out_t = prepared
+        if getattr(self, "_onnx_cache", (None,))[0] != (key, threads):
+            self._onnx_cache = ((key, threads), OnnxStep(self.embed.weight, layers, out_t, self.out.bias, threads))
+        return self._onnx_cache[1]
 
     def _layer_weights(self, layer: int) -> list[torch.Tensor]:
         return [getattr(self.rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
