@@ -4,7 +4,7 @@ The app's default is beam 3 with guidance (the constrained beam search runs two 
 plus the ImageNet head); greedy and plain beam 3 are measured in the same run, interleaved photo by
 photo so all three see the same machine load.
 
-    python benchmarks/demo_latency.py [--checkpoint fast] [--photos 60]
+    python benchmarks/demo_latency.py [--checkpoint fast] [--photos 60] [--cpu-runtime torch]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
+from captioner.onnx_step import RUNTIMES  # noqa: E402
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 SETTINGS = {"greedy": dict(strategy="greedy"),
@@ -31,10 +32,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--photos", type=int, default=60, help="first N official Flickr8k test photos")
+    p.add_argument("--cpu-runtime", choices=RUNTIMES, default="auto", help="who runs the decoder step on a CPU")
     args = p.parse_args()
     names = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()[: args.photos]
     paths = [str(FLICKR8K / "images" / n) for n in names]
     cap = Captioner.from_pretrained(args.checkpoint)
+    cap.cpu_runtime = args.cpu_runtime
     for options in SETTINGS.values():  # warm-up
         cap.caption(paths[0], **options)
     times: dict[str, list[float]] = {name: [] for name in SETTINGS}
