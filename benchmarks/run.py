@@ -47,6 +47,7 @@ from captioner.decoding import DecodeConfig  # noqa: E402
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.model import CaptionDecoder  # noqa: E402
+from captioner.onnx_step import RUNTIMES  # noqa: E402
 from captioner.runtime import autocast, loader_workers  # noqa: E402
 from captioner.train import TrainConfig, build_optimizer, lr_factor, train_step, trim_padding  # noqa: E402
 
@@ -596,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Captioner.graphs: the encoder on few images and greedy decoding from CUDA graphs")
     parser.add_argument("--seconds", type=float, default=None,
                         help="minimum seconds per timing loop (default 10; fewer suffice on a GPU)")
+    parser.add_argument("--cpu-runtime", choices=RUNTIMES, default="auto",
+                        help="who runs the LSTM decoder's step on a CPU (Captioner.cpu_runtime)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="README to update (default benchmarks/README.md; with --quick only when given)")
     args = parser.parse_args(argv)
@@ -610,10 +613,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{checkpoint}: no checkpoint; pass --checkpoint DIR (e.g. a run's best/) or --checkpoint synthetic")
     cap = Captioner.from_pretrained(checkpoint, device=args.device)
     cap.graphs = args.cuda_graphs and cap.device.type == "cuda"
+    cap.cpu_runtime = args.cpu_runtime
     device, size = cap.device, cap.config.encoder.image_size
     paths, source = image_paths(args.images, max(budget.stream_images, budget.train_batch * (budget.recompute_steps + 1)))
     warm_page_cache(paths)
-    report: dict = {"quick": args.quick, "cuda_graphs": cap.graphs, "checkpoint": "synthetic (untrained)" if args.checkpoint == "synthetic" else str(checkpoint),
+    report: dict = {"quick": args.quick, "cuda_graphs": cap.graphs, "cpu_runtime": cap.cpu_runtime, "checkpoint": "synthetic (untrained)" if args.checkpoint == "synthetic" else str(checkpoint),
                     "encoder": cap.config.encoder.name, "precision": cap.precision, "images": source,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "budget": asdict(budget), "machine": machine(device),
                     "results": {}}
