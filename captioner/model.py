@@ -36,8 +36,8 @@ class CaptionDecoder(nn.Module):
                            dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.out = nn.Linear(config.hidden, config.vocab_size)
-        # who runs the small-batch CPU step of an LSTM: "onnxruntime" (``captioner/onnx_step.py``: both cores,
-        # 3x faster at one row), "torch", or "auto" = onnxruntime when it is installed
+        # who runs an LSTM's inference step on a CPU: "onnxruntime" (``captioner/onnx_step.py``: both cores,
+        # 2-3x faster per step), "torch", or "auto" = onnxruntime when it is installed
         self.cpu_runtime = RUNTIMES[0]
         if config.cell == "lstm":
             self._open_forget_gates()
@@ -101,7 +101,7 @@ class CaptionDecoder(nn.Module):
         the same numbers. An LSTM at inference on a CPU runs on ONNX Runtime when ``cpu_runtime`` allows
         (``captioner/onnx_step.py``: 2.2-3.3x faster at every batch size measured, 1 to 500 rows), else up
         to ``ONE_THREAD_ROWS`` rows on ``_step_small``. Both give the same numbers up to float rounding
-        (captions of Flickr8k test photos compared in benchmarks/README.md and tests/test_onnx_step.py).
+        (captions of Flickr8k test photos compared in benchmarks/README.md; tests/test_decoder_small_batch.py).
         """
         if tokens.device.type == "cpu":
             prepared = self._prepared()

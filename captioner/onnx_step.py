@@ -1,18 +1,21 @@
-"""The LSTM decoder's small-batch CPU step on ONNX Runtime: the same arithmetic as
+"""The LSTM decoder's CPU inference step on ONNX Runtime: the same arithmetic as
 ``CaptionDecoder._step_small``, run by a runtime whose matrix-vector products use both cores.
 
 Why: one photo's caption is ~12 steps of three matrix-vector products (30 MB of fp32 weights per word), and
 torch runs a 1-row product on one thread at ~26 GB/s; spreading it over two threads through torch's own pool
-stalled on every parallel region (benchmarks/README.md). ONNX Runtime's MLAS kernels and spinning thread pool
-ran the bundled model's step at 1 row in 0.40 ms with two threads against torch's 1.33 ms (5 rows, a beam: 0.67
-against 3.40 ms), within 3e-6 of torch's logits. The graph is written here with ``onnx.helper`` from the
-weights ``_step_small`` already prepares, not traced by an exporter: it is eight operators per layer, and
-it cannot drift from the model's gate order unnoticed (``tests/test_onnx_step.py`` compares it with torch).
-Optional: without ``onnxruntime`` and ``onnx`` installed the torch path runs, with the same captions.
+stalled on every parallel region (benchmarks/README.md). ONNX Runtime's MLAS kernels ran the bundled model's
+step at 1 row in 0.42 ms with two threads against torch's 1.13 ms (5 rows, a beam: 0.67 against 3.20 ms; 500
+rows: 19.4 against 42.1 ms), within 3e-6 of torch's logits. Its threads do not spin between steps: spinning
+ones took the cores from the encoder's torch threads that run next. The graph is written here with
+``onnx.helper`` from the weights ``_step_small`` already prepares, not traced by an exporter: it is a dozen
+operators per layer, and it cannot drift from the model's gate order unnoticed
+(``tests/test_decoder_small_batch.py`` compares it with torch). Without ``onnxruntime`` and ``onnx`` installed
+the torch path runs, with the same captions.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -21,8 +24,9 @@ import torch
 RUNTIMES = ("auto", "onnxruntime", "torch")  # ``CaptionDecoder.cpu_runtime``; auto = onnxruntime when installed
 
 
+@functools.cache
 def available() -> bool:
-    """Whether both packages the ONNX step needs are importable."""
+    """Whether both packages the ONNX step needs are importable (asked at every step: answered once)."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
