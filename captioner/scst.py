@@ -161,17 +161,18 @@ class ScstTrainer:
         if matcher is None:
             raise ConfigError(f"{source}: has no matching model (matching.json) for --match-weight; train one with "
                               "`captioner matching DATA --checkpoint ...` or name another with --matching")
-        return Matcher(matcher.model.to(self.device), matcher.config, matcher.encoder, matcher.recall)
+        matcher.model.to(self.device)
+        return matcher
 
     def rewards(self, image_ids: list[int], hyps: list[Hypothesis], feats: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Reward of each caption: CIDEr-D against its image's training references, plus ``match_weight`` x
         its match with its photo (``feats``: one row per caption) when a matching model is in use; and the
         mean of each part, for the log."""
-        cider = torch.tensor([self.scorer.score(i, self.vocab.decode(h.tokens)) for i, h in zip(image_ids, hyps)])
+        words = [self.vocab.decode(h.tokens) for h in hyps]
+        cider = torch.tensor([self.scorer.score(i, w) for i, w in zip(image_ids, words)])
         if self.matcher is None:
             return cider, {"cider": cider.mean().item()}
-        match = torch.tensor(self.matcher.similarity(feats, self.vocab, [self.vocab.decode(h.tokens) for h in hyps],
-                                                     list(range(len(hyps)))))
+        match = torch.tensor(self.matcher.similarity(feats, self.vocab, words, list(range(len(hyps)))))
         return cider + self.config.match_weight * match, {"cider": cider.mean().item(), "match": match.mean().item()}
 
     def reference_loss(self, index: torch.Tensor, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

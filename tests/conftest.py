@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,11 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
                  "--image-size", "64", "--hidden", "64", "--embed", "32", "--dropout", "0.0", "--epochs", "25",
                  "--batch-size", "16", "--lr", "0.01", "--warmup-steps", "5", "--patience", "0", "--workers", "0"]) == 0
     return run
+
+
+@pytest.fixture
+def model(trained_run, tmp_path) -> Path:
+    """The tiny trained model, copied so a test may add a matching model to it."""
+    directory = tmp_path / "model"
+    shutil.copytree(trained_run / "best", directory)
+    return directory

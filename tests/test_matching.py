@@ -4,8 +4,6 @@ matching`` beside a checkpoint, reorders the beam by the model's score + weight 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +20,6 @@ from captioner.tuning import DECODING
 from captioner.vocab import Vocab
 
 TINY = ["--views", "0", "--epochs", "4", "--embed", "16", "--hidden", "32", "--joint", "32", "--batch-size", "16"]
-
-
-@pytest.fixture
-def model(trained_run, tmp_path) -> Path:
-    """The tiny trained model, copied so a test may add a matching model to it."""
-    directory = tmp_path / "model"
-    shutil.copytree(trained_run / "best", directory)
-    return directory
 
 
 def class_data(per_class: int, seed: int) -> tuple[torch.Tensor, CaptionTensors, Vocab]:

@@ -111,27 +111,18 @@ def test_xe_weight_pulls_the_policy_towards_the_references(trained_run, data_dir
     assert change[20.0] < 0 < change[0.0] and change[0.0] - change[20.0] > 0.005, change
 
 
-@pytest.fixture
-def matched_model(trained_run, tmp_path):
-    """The tiny trained model, copied, with a small matching model trained beside it."""
-    import shutil
-    directory = tmp_path / "model"
-    shutil.copytree(trained_run / "best", directory)
-    return directory
-
-
-def test_match_weight_rewards_captions_that_match_their_photo(matched_model, data_dir, tmp_path):
+def test_match_weight_rewards_captions_that_match_their_photo(model, data_dir, tmp_path):
     """The same SCST steps raise the samples' match with their photos more when the reward includes it, and
     best/ carries the matching model that shaped the reward."""
     from captioner.scst import ScstConfig, ScstTrainer
-    assert main(["matching", str(data_dir), "--checkpoint", str(matched_model), "--views", "0", "--epochs", "30",
+    assert main(["matching", str(data_dir), "--checkpoint", str(model), "--views", "0", "--epochs", "30",
                  "--embed", "16", "--hidden", "32", "--joint", "32", "--batch-size", "16"]) == 0
     index = torch.arange(16)
     rise = {}
     for weight in (0.0, 50.0):
         trainer = ScstTrainer(data_dir, tmp_path / f"w{weight}", ScstConfig(
-            init_from=str(matched_model), lr=3e-3, batch_size=16, match_weight=weight))
-        judge = Captioner.from_pretrained(matched_model).matcher  # the same model scores both runs
+            init_from=str(model), lr=3e-3, batch_size=16, match_weight=weight))
+        judge = Captioner.from_pretrained(model).matcher  # the same model scores both runs
         feats = trainer.features[index, trainer.view_of[index]]
 
         def mean_match() -> float:  # of 10 samples per photo, the same draws for both runs
