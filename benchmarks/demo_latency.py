@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
-from captioner.onnx_step import RUNTIMES  # noqa: E402
+from captioner.model import RUNTIMES  # noqa: E402
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 SETTINGS = {"greedy": dict(strategy="greedy"),

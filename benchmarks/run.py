@@ -47,7 +47,7 @@ from captioner.decoding import DecodeConfig  # noqa: E402
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.model import CaptionDecoder  # noqa: E402
-from captioner.onnx_step import RUNTIMES  # noqa: E402
+from captioner.model import RUNTIMES  # noqa: E402
 from captioner.runtime import autocast, loader_workers  # noqa: E402
 from captioner.train import TrainConfig, build_optimizer, lr_factor, train_step, trim_padding  # noqa: E402
 

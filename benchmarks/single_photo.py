@@ -1,5 +1,6 @@
-"""Single-photo latency on a CPU: ``Captioner.caption(path)`` with the decoder step on ONNX Runtime (the default
-when installed, ``Captioner.cpu_runtime``), on torch's one-thread small-batch path (``cpu_runtime = "torch"``,
+"""Single-photo latency on a CPU: ``Captioner.caption(path)`` with the decoder step on FBGEMM's float16-weight
+products (the default for exported checkpoints, ``Captioner.cpu_runtime``), on ONNX Runtime, on torch's one-thread
+small-batch path (``cpu_runtime = "torch"``,
 ``CaptionDecoder.ONE_THREAD_ROWS``) and on all of torch's threads (``ONE_THREAD_ROWS = 0``: ``lstm_cell`` +
 ``nn.Linear``), interleaved in one run so all see the same machine load, next to one encoder call at batch 1;
 and a check that the captions are the same every way on real test photos.
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
     print(f"# {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
 
-    ways = {"caption onnxruntime": ("onnxruntime", ONE_THREAD_ROWS), "caption torch one thread": ("torch", ONE_THREAD_ROWS),
+    ways = {"caption fbgemm": ("fbgemm", ONE_THREAD_ROWS), "caption onnxruntime": ("onnxruntime", ONE_THREAD_ROWS), "caption torch one thread": ("torch", ONE_THREAD_ROWS),
             "caption torch all threads": ("torch", 0)}
 
     def way(label: str, fn):
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False}),
                           ("recommended", {})):  # the checkpoint's decoding.json, as the app and the CLI decode
         captions = {label: way(label, lambda: [cap.caption(p, **options) for p in paths]) for label in ways}
-        first = captions["caption onnxruntime"]
+        first = captions["caption fbgemm"]
         changed[name] = sum(any(c[i] != first[i] for c in captions.values()) for i in range(len(paths)))
         print(f"caption(path) {name} on {len(paths)} test photos: {changed[name]} captions differ between the ways")
 

@@ -30,8 +30,7 @@ from .fetch import FetchConfig
 from .graphs import GraphedCall
 from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
-from .model import CaptionDecoder, EnsembleDecoder, build_decoder
-from .onnx_step import RUNTIMES
+from .model import RUNTIMES, CaptionDecoder, EnsembleDecoder, build_decoder
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 from .tokenizer import detokenize
 from .vocab import Vocab
@@ -113,8 +112,9 @@ class Captioner:
 
     @property
     def cpu_runtime(self) -> str:
-        """Who runs the LSTM decoder's inference step on a CPU: ``auto`` (ONNX Runtime when installed, the
-        default), ``onnxruntime`` or ``torch`` (``captioner/onnx_step.py``; the same captions either way)."""
+        """Who runs the LSTM decoder's inference step on a CPU: ``auto`` (the default: ``fbgemm`` when the
+        weights are stored in float16, as in every exported checkpoint, else ONNX Runtime when installed, else
+        torch), ``fbgemm``, ``onnxruntime`` or ``torch`` (``CaptionDecoder.step``; the same captions every way)."""
         return self._decoders()[0].cpu_runtime
 
     @cpu_runtime.setter

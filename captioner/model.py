@@ -15,9 +15,13 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .onnx_step import RUNTIMES, OnnxStep, available as onnx_available
+from . import fp16_step
+from .onnx_step import OnnxStep, available as onnx_available
 
 State = tuple[torch.Tensor, ...]  # each (layers, B, hidden): (h,) for gru/rnn, (h, c) for lstm
+# ``CaptionDecoder.cpu_runtime``: who runs an LSTM's inference step on a CPU. auto = fbgemm when the weights are
+# exact in float16 (every exported checkpoint), else onnxruntime when installed, else torch
+RUNTIMES = ("auto", "fbgemm", "onnxruntime", "torch")
 
 
 class CaptionDecoder(nn.Module):
@@ -36,8 +40,8 @@ class CaptionDecoder(nn.Module):
                            dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.out = nn.Linear(config.hidden, config.vocab_size)
-        # who runs an LSTM's inference step on a CPU: "onnxruntime" (``captioner/onnx_step.py``: both cores,
-        # 2-3x faster per step), "torch", or "auto" = onnxruntime when it is installed
+        # who runs an LSTM's inference step on a CPU (``RUNTIMES``): "fbgemm" (``captioner/fp16_step.py``: float16
+        # weights, float32 arithmetic), "onnxruntime" (``captioner/onnx_step.py``: both cores), "torch", or "auto"
         self.cpu_runtime = RUNTIMES[0]
         if config.cell == "lstm":
             self._open_forget_gates()
@@ -98,45 +102,78 @@ class CaptionDecoder(nn.Module):
 
         Runs ``self.rnn``'s own weights through the fused single-step cell functions: for one time
         step they are several times faster on CPU than ``nn.LSTM``'s oneDNN sequence path, and give
-        the same numbers. An LSTM at inference on a CPU runs on ONNX Runtime when ``cpu_runtime`` allows
-        (``captioner/onnx_step.py``: 2.2-3.3x faster at every batch size measured, 1 to 500 rows), else up
-        to ``ONE_THREAD_ROWS`` rows on ``_step_small``. Both give the same numbers up to float rounding
-        (captions of Flickr8k test photos compared in benchmarks/README.md; tests/test_decoder_small_batch.py).
+        the same numbers. An LSTM at inference on a CPU runs on the runtime ``cpu_runtime`` names
+        (``_cpu_runtime``): FBGEMM's float16-weight products (``captioner/fp16_step.py``: half the bytes per
+        word), ONNX Runtime (``captioner/onnx_step.py``: both cores), or torch's one-thread path up to
+        ``ONE_THREAD_ROWS`` rows (``_step_small``). All give the same numbers up to float rounding (captions of
+        Flickr8k test photos compared in benchmarks/README.md; tests/test_decoder_small_batch.py).
         """
-        if tokens.device.type == "cpu":
-            prepared = self._prepared()
-            onnx = self._onnx_step(prepared, torch.get_num_threads()) if prepared is not None else None
-            if onnx is not None:
-                logits, h, c = onnx(tokens, state[0], state[1])
+        if tokens.device.type == "cpu" and (key := self._weights_key()) is not None:
+            runtime = self._cpu_runtime(key)
+            if runtime == "fbgemm":
+                logits, h, c = self._fp16_cache[1](tokens, state[0], state[1])
                 return logits, (h, c)
-            if prepared is not None and tokens.shape[0] <= self.ONE_THREAD_ROWS:
+            if runtime == "onnxruntime":
+                logits, h, c = self._onnx_step(key, torch.get_num_threads())(tokens, state[0], state[1])
+                return logits, (h, c)
+            if tokens.shape[0] <= self.ONE_THREAD_ROWS:
                 with _one_cpu_thread():
-                    return self._step_small(tokens, state, prepared)
+                    return self._step_small(tokens, state, self._prepared(key))
         return self._step(tokens, state)
 
-    def _prepared(self) -> tuple | None:
-        """For an LSTM at inference: ``(key, layers, out_t)`` with each layer's ``(W, b)``, ``W`` (E+H, 4H) the
-        pre-transposed concatenation of ``weight_ih`` and ``weight_hh``, and ``out_t`` the transposed
-        vocabulary projection; kept until the weights change (``key``). None when the step must run through
-        autograd or the weights cannot be versioned."""
+    def _weights_key(self) -> list | None:
+        """For an LSTM at inference: the identity and version of every weight the step reads, which keys the
+        runtimes' copies of them. None when the step must run through autograd or the weights cannot be
+        versioned."""
         if self.config.cell != "lstm" or self.training or torch.is_grad_enabled():
             return None
         params = [p for layer in range(self.config.layers) for p in self._layer_weights(layer)] + [
             self.out.weight, self.out.bias, self.embed.weight]
         try:  # any in-place update bumps _version
-            key = [(p.data_ptr(), p.dtype, p._version) for p in params]
+            return [(p.data_ptr(), p.dtype, p._version) for p in params]
         except RuntimeError:  # weights created under inference_mode keep no version counter
             return None
+
+    def _cpu_runtime(self, key: list) -> str:
+        """Which runtime ``cpu_runtime`` resolves to for these weights; a named runtime that cannot run them is
+        an error that says why, "auto" falls through fbgemm -> onnxruntime -> torch."""
+        runtime = self.cpu_runtime
+        if runtime not in RUNTIMES:
+            raise ValueError(f"cpu_runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if runtime in ("auto", "fbgemm"):
+            if getattr(self, "_fp16_cache", (None,))[0] != key:
+                weights = [w for layer in range(self.config.layers) for w in self._layer_weights(layer)[:2]]
+                exact = fp16_step.available() and not fp16_step.not_exact(weights + [self.out.weight])
+                self._fp16_cache = (key, fp16_step.Fp16Step(
+                    self.embed.weight, list(map(self._layer_weights, range(self.config.layers))), self.out.weight,
+                    self.out.bias) if exact else None)
+            if self._fp16_cache[1] is not None:
+                return "fbgemm"
+            if runtime == "fbgemm":
+                raise ValueError("cpu_runtime 'fbgemm' needs torch's FBGEMM and weights stored in float16 "
+                                 "(`captioner export` writes them so); use 'onnxruntime' or 'torch' for these"
+                                 if fp16_step.available() else "cpu_runtime 'fbgemm': this torch build has no FBGEMM")
+        if runtime in ("auto", "onnxruntime"):
+            if onnx_available():
+                return "onnxruntime"
+            if runtime == "onnxruntime":
+                raise ImportError("cpu_runtime 'onnxruntime' needs `pip install onnxruntime onnx`")
+        return "torch"
+
+    def _prepared(self, key: list) -> tuple[list, torch.Tensor]:
+        """``(layers, out_t)`` for the float32 runtimes: each layer's ``(W, b)``, ``W`` (E+H, 4H) the
+        pre-transposed concatenation of ``weight_ih`` and ``weight_hh``, and ``out_t`` the transposed
+        vocabulary projection; kept until the weights change (``key``)."""
         if getattr(self, "_small_cache", (None,))[0] != key:
             layers = [(torch.cat([w_ih, w_hh], 1).t().contiguous(), (b_ih + b_hh).contiguous())
                       for w_ih, w_hh, b_ih, b_hh in map(self._layer_weights, range(self.config.layers))]
             self._small_cache = (key, layers, self.out.weight.t().contiguous())
-        return self._small_cache
+        return self._small_cache[1:]
 
     def _step_small(self, tokens: torch.Tensor, state: State, prepared: tuple) -> tuple[torch.Tensor, State]:
         """``_step`` as ``gates = [x, h] @ W + b`` over ``_prepared``'s weights, then PyTorch's gate order
         (input, forget, cell, output)."""
-        _, layers, out_t = prepared
+        layers, out_t = prepared
         x, hs, cs = self.embed(tokens), [], []  # (N, E)
         for layer, (w, b) in enumerate(layers):
             gates = torch.addmm(b, torch.cat([x, state[0][layer]], 1), w)  # (N, 4H)
@@ -147,18 +184,11 @@ class CaptionDecoder(nn.Module):
             cs.append(c)
         return torch.addmm(self.out.bias, x, out_t), (torch.stack(hs), torch.stack(cs))
 
-    def _onnx_step(self, prepared: tuple, threads: int) -> OnnxStep | None:
-        """The ONNX Runtime step over ``_prepared``'s weights when ``cpu_runtime`` asks for it (``auto``: when
-        installed), else None; kept until the weights or the thread count change (switching runtimes back
-        and forth rebuilds nothing)."""
-        if self.cpu_runtime not in RUNTIMES:
-            raise ValueError(f"cpu_runtime must be one of {', '.join(RUNTIMES)}, got {self.cpu_runtime!r}")
-        if self.cpu_runtime == "torch" or (self.cpu_runtime == "auto" and not onnx_available()):
-            return None
-        if not onnx_available():
-            raise ImportError("cpu_runtime 'onnxruntime' needs `pip install onnxruntime onnx`")
-        key, layers, out_t = prepared
+    def _onnx_step(self, key: list, threads: int) -> OnnxStep:
+        """The ONNX Runtime step over ``_prepared``'s weights, kept until the weights or the thread count
+        change (switching runtimes back and forth rebuilds nothing)."""
         if getattr(self, "_onnx_cache", (None,))[0] != (key, threads):
+            layers, out_t = self._prepared(key)
             self._onnx_cache = ((key, threads), OnnxStep(self.embed.weight, layers, out_t, self.out.bias, threads))
         return self._onnx_cache[1]
 

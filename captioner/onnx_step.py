@@ -21,8 +21,6 @@ import importlib.util
 import numpy as np
 import torch
 
-RUNTIMES = ("auto", "onnxruntime", "torch")  # ``CaptionDecoder.cpu_runtime``; auto = onnxruntime when installed
-
 
 @functools.cache
 def available() -> bool:

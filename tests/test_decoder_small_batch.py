@@ -1,6 +1,8 @@
-"""The decoder step's CPU inference paths, ONNX Runtime (``captioner/onnx_step.py``, any number of rows) and
-torch's small-batch path (``CaptionDecoder._step_small``, up to ``ONE_THREAD_ROWS`` rows): the numbers of the
-plain step up to float rounding, fresh after the weights change, and the thread count restored afterwards."""
+"""The decoder step's CPU inference paths, FBGEMM's float16-weight products (``captioner/fp16_step.py``), ONNX
+Runtime (``captioner/onnx_step.py``), both at any number of rows, and torch's small-batch path
+(``CaptionDecoder._step_small``, up to ``ONE_THREAD_ROWS`` rows): the numbers of the plain step up to float
+rounding, fresh after the weights change, chosen by the rules ``cpu_runtime`` states, and the thread count
+restored afterwards."""
 
 from __future__ import annotations
 
@@ -13,14 +15,22 @@ from captioner.encoder import EncoderConfig
 from captioner.model import CaptionDecoder
 
 
-RUNTIMES = ["torch", "onnxruntime"]  # onnxruntime is a dependency: its path must not be skipped
+# onnxruntime is a dependency and FBGEMM is in every x86 torch build: neither path may be skipped
+RUNTIMES = ["torch", "onnxruntime", "fbgemm"]
 
 
-def make_decoder(layers: int = 1, cell: str = "lstm", seed: int = 0, runtime: str = "auto") -> CaptionDecoder:
+def make_decoder(layers: int = 1, cell: str = "lstm", seed: int = 0, runtime: str = "auto",
+                 fp16: bool | None = None) -> CaptionDecoder:
+    """A small random decoder; ``fp16`` (default: when the runtime is fbgemm) rounds its weights to float16
+    values, as an exported checkpoint stores them."""
     torch.manual_seed(seed)
     enc = EncoderConfig(name="mobilenet_v2", weights="none", feature_dim=24)
     config = ModelConfig(vocab_size=40, encoder=enc, cell=cell, layers=layers, hidden=32, embed=16, dropout=0.0)
     dec = CaptionDecoder(config).eval()
+    if runtime == "fbgemm" if fp16 is None else fp16:
+        with torch.no_grad():
+            for weight in dec.parameters():
+                weight.copy_(weight.half())
     dec.cpu_runtime = runtime
     return dec
 
@@ -36,6 +46,7 @@ def test_inference_step_matches_the_plain_step(layers, rows, runtime):
         logits, new = dec.step(tokens, state)  # onnxruntime, or torch's small-batch path up to ONE_THREAD_ROWS
         ref_logits, ref = dec._step(tokens, state)  # lstm_cell + nn.Linear
     assert hasattr(dec, "_onnx_cache") == (runtime == "onnxruntime")
+    assert (getattr(dec, "_fp16_cache", (None, None))[1] is not None) == (runtime == "fbgemm")
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for s, r in zip(new, ref):
         torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-5)
@@ -63,12 +74,27 @@ def test_prepared_weights_follow_weight_updates(runtime, change):
     with torch.no_grad():
         before, _ = dec.step(tokens, dec.init_state(feats))
         {"weight_hh": lambda: dec.rnn.weight_hh_l0.mul_(2.0),  # an optimizer step or load_state_dict updates in place
-         "out_weight": lambda: dec.out.weight.add_(0.1), "out_bias": lambda: dec.out.bias.add_(0.5),
+         "out_weight": lambda: dec.out.weight.mul_(-2.0), "out_bias": lambda: dec.out.bias.add_(0.5),
          "embedding": lambda: dec.embed.weight.mul_(3.0)}[change]()
         after, _ = dec.step(tokens, dec.init_state(feats))
         ref, _ = dec._step(tokens, dec.init_state(feats))
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp16", [True, False], ids=["float16-exact", "float32"])
+def test_auto_takes_fbgemm_only_for_weights_exact_in_float16(fp16):
+    dec = make_decoder(runtime="auto", fp16=fp16)
+    with torch.no_grad():
+        dec.step(torch.tensor([5, 7]), dec.init_state(torch.randn(2, 24)))
+    assert (dec._fp16_cache[1] is not None) == fp16
+    assert hasattr(dec, "_onnx_cache") != fp16  # float32 weights are never rounded: onnxruntime runs them
+
+
+def test_fbgemm_refuses_weights_that_float16_would_change():
+    dec = make_decoder(runtime="fbgemm", fp16=False)
+    with torch.no_grad(), pytest.raises(ValueError, match="weights stored in float16"):
+        dec.step(torch.tensor([5]), dec.init_state(torch.randn(1, 24)))
 
 
 def test_an_unknown_runtime_is_an_error():
