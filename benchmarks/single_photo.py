@@ -65,6 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         changed[name] = sum(any(c[i] != first[i] for c in captions.values()) for i in range(len(paths)))
         print(f"caption(path) {name} on {len(paths)} test photos: {changed[name]} captions differ between the ways")
 
+    steps: dict[tuple[str, int], list[float]] = {}
+    hidden = cap.decoder.config.hidden
+    with torch.inference_mode():
+        for _ in range(args.rounds if isinstance(cap.decoder, CaptionDecoder) else 0):  # one decoder step at 1 row (greedy), 5 (a beam) ... 500 (a stream batch)
+            for rows in (1, 5, 32, 500):
+                tokens = torch.randint(4, cap.decoder.config.vocab_size, (rows,))
+                state = (torch.randn(1, rows, hidden) * 0.3, torch.randn(1, rows, hidden))
+                for label in ways:
+                    step = lambda: cap.decoder.step(tokens, state)  # noqa: E731
+                    way(label, step)  # builds the runtime's copy of the weights
+                    t0, calls = time.perf_counter(), max(10, 400 // rows)
+                    way(label, lambda: [step() for _ in range(calls)])
+                    steps.setdefault((label, rows), []).append((time.perf_counter() - t0) / calls)
+    for label in ways if steps else ():
+        print(f"step {label[8:]:18s} " + ", ".join(f"{rows} rows {statistics.median(steps[label, rows]) * 1e3:.2f} ms"
+                                                  for rows in (1, 5, 32, 500)))
+
     timed = paths[:40]
     pixels = [cap.preprocess(load_image(p))[None] for p in timed]
     wall: dict[str, list[float]] = {"encode b1": [], **{label: [] for label in ways}}

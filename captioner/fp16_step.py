@@ -2,14 +2,14 @@
 FBGEMM kernels (``torch.ops.quantized.linear_dynamic_fp16``): half the bytes per word for the same numbers.
 
 Why: a caption word is three matrix-vector products over 30 MB of float32 weights, so its time is the time to
-stream those bytes; inside ``caption(path)`` the encoder that runs just before evicts them from the cache.
+stream those bytes (inside ``caption(path)`` mostly from memory: the encoder call before it most likely evicts them).
 Every exported checkpoint, the bundled ones included, stores its weights in float16, so they are exactly
 representable in half the bytes. FBGEMM keeps them packed in float16, widens them to float32 in registers and
 multiplies and accumulates in float32 with float32 activations and biases: the products are the float32
 products, only the summation order differs, as between any two float32 kernels (logits within 4e-6 of the
 plain step on the bundled model). Measured on this 2-core CPU (benchmarks/README.md): one step at 1 row
-0.42 ms against 0.94 ms on ONNX Runtime, 5 rows (a beam) 0.82 against 1.51 ms, level from 16 rows on
-(500 rows: 42 against 50 ms); ``caption(path)`` p50 21.2 against 31.2 ms. Weights that are not exact in
+0.31 ms against 0.52 ms on ONNX Runtime, 5 rows (a beam) 0.71 against 1.00 ms, level from ~16 rows on (500 rows:
+45 against 42 ms); ``caption(path)`` p50 24.7 against 33.3 ms, 1.63x one encoder call. Weights that are not exact in
 float16 (a model straight out of ``captioner train``) are never rounded: they take another runtime.
 """
 

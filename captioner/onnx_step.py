@@ -10,7 +10,8 @@ ones took the cores from the encoder's torch threads that run next. The graph is
 ``onnx.helper`` from the weights ``_step_small`` already prepares, not traced by an exporter: it is a dozen
 operators per layer, and it cannot drift from the model's gate order unnoticed
 (``tests/test_decoder_small_batch.py`` compares it with torch). Without ``onnxruntime`` and ``onnx`` installed
-the torch path runs, with the same captions.
+the torch path runs, with the same captions. Weights stored in float16 (every exported checkpoint) run on
+``captioner/fp16_step.py`` instead, faster at the few rows of one photo's caption; this step runs float32 ones.
 """
 
 from __future__ import annotations
