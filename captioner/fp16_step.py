@@ -22,9 +22,17 @@ import torch
 
 @functools.cache
 def available() -> bool:
-    """Whether this torch build has FBGEMM's float16 linear (x86 builds do; answered once)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized,
-                                                                             "linear_prepack_fp16")
+    """Whether FBGEMM's float16 linear runs here, tried once on a tiny product: x86 builds of torch have it, but
+    FBGEMM refuses CPUs without AVX2, and ARM builds (Apple silicon) have no FBGEMM at all."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        weight = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+        packed = torch.ops.quantized.linear_prepack_fp16(weight, torch.tensor([0.25, 0.0]))
+        out = torch.ops.quantized.linear_dynamic_fp16(torch.tensor([[2.0, 1.0]]), packed)
+    except (RuntimeError, AttributeError):
+        return False
+    return torch.equal(out, torch.tensor([[0.25, 5.0]]))
 
 
 def not_exact(weights: list[torch.Tensor]) -> bool:

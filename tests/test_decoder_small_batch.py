@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from captioner import fp16_step
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeConfig, decode
 from captioner.encoder import EncoderConfig
@@ -89,6 +90,17 @@ def test_auto_takes_fbgemm_only_for_weights_exact_in_float16(fp16):
         dec.step(torch.tensor([5, 7]), dec.init_state(torch.randn(2, 24)))
     assert (dec._fp16_cache[1] is not None) == fp16
     assert hasattr(dec, "_onnx_cache") != fp16  # float32 weights are never rounded: onnxruntime runs them
+
+
+def test_without_fbgemm_auto_falls_back_and_fbgemm_says_why(monkeypatch):
+    monkeypatch.setattr(fp16_step, "available", lambda: False)  # an ARM build of torch, or a CPU without AVX2
+    dec = make_decoder(runtime="auto", fp16=True)
+    with torch.no_grad():
+        dec.step(torch.tensor([5]), dec.init_state(torch.randn(1, 24)))
+        assert dec._fp16_cache[1] is None and hasattr(dec, "_onnx_cache")
+        dec.cpu_runtime = "fbgemm"
+        with pytest.raises(ValueError, match="no FBGEMM"):
+            dec.step(torch.tensor([5]), dec.init_state(torch.randn(1, 24)))
 
 
 def test_fbgemm_refuses_weights_that_float16_would_change():
