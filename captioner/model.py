@@ -111,7 +111,7 @@ class CaptionDecoder(nn.Module):
         if tokens.device.type == "cpu" and (key := self._weights_key()) is not None:
             runtime = self._cpu_runtime(key)
             if runtime == "fbgemm":
-                logits, h, c = self._fp16_cache[1](tokens, state[0], state[1])
+                logits, h, c = self._fp16_step(key)(tokens, state[0], state[1])
                 return logits, (h, c)
             if runtime == "onnxruntime":
                 logits, h, c = self._onnx_step(key, torch.get_num_threads())(tokens, state[0], state[1])
@@ -141,17 +141,11 @@ class CaptionDecoder(nn.Module):
         if runtime not in RUNTIMES:
             raise ValueError(f"cpu_runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if runtime in ("auto", "fbgemm"):
-            if getattr(self, "_fp16_cache", (None,))[0] != key:
-                weights = [w for layer in range(self.config.layers) for w in self._layer_weights(layer)[:2]]
-                exact = fp16_step.available() and not fp16_step.not_exact(weights + [self.out.weight])
-                self._fp16_cache = (key, fp16_step.Fp16Step(
-                    self.embed.weight, list(map(self._layer_weights, range(self.config.layers))), self.out.weight,
-                    self.out.bias) if exact else None)
-            if self._fp16_cache[1] is not None:
+            if self._fp16_step(key) is not None:
                 return "fbgemm"
             if runtime == "fbgemm":
-                raise ValueError("cpu_runtime 'fbgemm' needs torch's FBGEMM and weights stored in float16 "
-                                 "(`captioner export` writes them so); use 'onnxruntime' or 'torch' for these"
+                raise ValueError("cpu_runtime 'fbgemm' runs weights stored in float16 (as `captioner export` writes "
+                                 "them) and these are not: export the checkpoint, or use 'onnxruntime' or 'torch'"
                                  if fp16_step.available() else "cpu_runtime 'fbgemm': this torch build has no FBGEMM")
         if runtime in ("auto", "onnxruntime"):
             if onnx_available():
@@ -183,6 +177,17 @@ class CaptionDecoder(nn.Module):
             hs.append(x)
             cs.append(c)
         return torch.addmm(self.out.bias, x, out_t), (torch.stack(hs), torch.stack(cs))
+
+    def _fp16_step(self, key: list) -> fp16_step.Fp16Step | None:
+        """FBGEMM's step over these weights, or None when this torch has no FBGEMM or float16 would change a
+        weight matrix (biases stay float32); kept until the weights change."""
+        if getattr(self, "_fp16_cache", (None,))[0] != key:
+            layers = list(map(self._layer_weights, range(self.config.layers)))
+            matrices = [w for layer in layers for w in layer[:2]] + [self.out.weight]
+            exact = fp16_step.available() and not fp16_step.not_exact(matrices)
+            self._fp16_cache = (key, fp16_step.Fp16Step(self.embed.weight, layers, self.out.weight, self.out.bias)
+                                if exact else None)
+        return self._fp16_cache[1]
 
     def _onnx_step(self, key: list, threads: int) -> OnnxStep:
         """The ONNX Runtime step over ``_prepared``'s weights, kept until the weights or the thread count

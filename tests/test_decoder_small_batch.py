@@ -105,7 +105,7 @@ def test_without_fbgemm_auto_falls_back_and_fbgemm_says_why(monkeypatch):
 
 def test_fbgemm_refuses_weights_that_float16_would_change():
     dec = make_decoder(runtime="fbgemm", fp16=False)
-    with torch.no_grad(), pytest.raises(ValueError, match="weights stored in float16"):
+    with torch.no_grad(), pytest.raises(ValueError, match="runs weights stored in float16"):
         dec.step(torch.tensor([5]), dec.init_state(torch.randn(1, 24)))
 
 
