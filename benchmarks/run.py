@@ -267,7 +267,11 @@ def synthetic_checkpoint(like: Path = REPO_CHECKPOINTS / BUNDLED) -> Path:
     root = tempfile.mkdtemp(prefix="captioner-bench-ckpt-")
     atexit.register(shutil.rmtree, root, True)
     target = Path(root) / "synthetic"
-    save_checkpoint(target, config, vocab, CaptionDecoder(config), encoder)
+    decoder = CaptionDecoder(config)
+    with torch.no_grad():  # float16 values, as `captioner export` stores the bundled model: the same CPU step runs
+        for weight in decoder.parameters():
+            weight.copy_(weight.half())
+    save_checkpoint(target, config, vocab, decoder, encoder)
     return target
 
 
