@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
+
 from captioner.api import BUNDLED, REPO_CHECKPOINTS
 from captioner.checkpoint import MODEL, load_checkpoint, read_tensors
 
@@ -27,5 +29,7 @@ def test_synthetic_checkpoint_has_the_bundled_models_shapes():
     bundled = {k: tuple(v.shape) for k, v in read_tensors(REPO_CHECKPOINTS / BUNDLED / MODEL).items()
                if k.startswith("decoder.")}
     assert shapes == bundled
+    decoder = [v for k, v in read_tensors(synthetic / MODEL).items() if k.startswith("decoder.")]
+    assert all(torch.equal(v.half().to(v.dtype), v) for v in decoder)  # float16 values, as exported: the same CPU step
     config = load_checkpoint(synthetic).config
     assert (config.hidden, config.encoder.name, config.encoder.weights) == (1024, "mobilenet_v2", "none")
