@@ -33,3 +33,31 @@ def test_synthetic_checkpoint_has_the_bundled_models_shapes():
     assert all(torch.equal(v.half().to(v.dtype), v) for v in decoder)  # float16 values, as exported: the same CPU step
     config = load_checkpoint(synthetic).config
     assert (config.hidden, config.encoder.name, config.encoder.weights) == (1024, "mobilenet_v2", "none")
+
+
+def test_cross_encoder_ensemble_feeds_each_member_its_own_cnns_features():
+    """benchmarks/cross_encoder_ensemble.py: members with different feature sizes (different CNNs) each start
+    from their own slice of the concatenated features, and the step averages their probabilities."""
+    from captioner.config import ModelConfig
+    from captioner.decoding import DecodeConfig, decode
+    from captioner.encoder import EncoderConfig
+    from captioner.model import CaptionDecoder
+
+    spec = importlib.util.spec_from_file_location("cross_encoder_ensemble", REPO / "benchmarks" / "cross_encoder_ensemble.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    members = [CaptionDecoder(ModelConfig(vocab_size=30, hidden=16, embed=8, dropout=0.0,
+                                          encoder=EncoderConfig(name=name, weights="none", feature_dim=dim))).eval()
+               for name, dim in (("mobilenet_v2", 12), ("resnet152", 20))]
+    fa, fb = torch.randn(3, 12), torch.randn(3, 20)
+    mixed = module.MixedEnsemble(members, [12, 20])
+    state = mixed.init_state(torch.cat([fa, fb], dim=1))
+    expected = members[0].init_state(fa) + members[1].init_state(fb)
+    assert all(torch.equal(s, e) for s, e in zip(state, expected)) and len(state) == len(expected)
+    tokens = torch.tensor([1, 5, 7])
+    logp, _ = mixed.step(tokens, state)
+    each = [torch.log_softmax(m.step(tokens, s)[0], -1) for m, s in zip(members, (expected[:2], expected[2:]))]
+    assert torch.allclose(logp.exp(), (each[0].exp() + each[1].exp()) / 2, atol=1e-6)
+    hyps = decode(mixed, torch.cat([fa, fb], dim=1), DecodeConfig(strategy="beam", beam_size=3, max_len=8))
+    assert len(hyps) == 3
