@@ -115,7 +115,9 @@ def _encoder_config(args):
 
 
 def cmd_features(args) -> int:
-    from .features import build_features, read_failures
+    from .encoder import build_encoder
+    from .features import read_failures
+    from .views import make_features
     if args.checkpoint:
         from .api import resolve_model
         from .checkpoint import load_checkpoint
@@ -124,9 +126,8 @@ def cmd_features(args) -> int:
         loaded = load_checkpoint(resolve_model(args.checkpoint), calibrated=False)
         config, encoder = loaded.config.encoder, loaded.encoder
     else:
-        config, encoder = _encoder_config(args), None
-    directory = build_features(args.data_dir, config, batch_size=args.batch_size, device=args.device,
-                               workers=args.workers, encoder=encoder)
+        encoder, config = build_encoder(_encoder_config(args))
+    directory = make_features(args.data_dir, config, encoder, args.batch_size, args.device, args.workers)
     return 1 if read_failures(directory) else 0
 
 

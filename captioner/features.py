@@ -173,6 +173,11 @@ def read_failures(directory: Path) -> dict[int, dict]:
     return {f["id"]: f for f in json.loads(path.read_text())["failed"]} if path.is_file() else {}
 
 
+def feature_index(records: list[Record], config: EncoderConfig) -> dict:
+    """What a feature cache was made from: the images and the encoder (equal indexes, interchangeable caches)."""
+    return {"ids": [r.id for r in records], "encoder": config.to_json()}
+
+
 def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, device: str = "auto",
                    workers: int = 2, encoder: Encoder | None = None) -> Path:
     """Encode every manifest image (resuming a partial cache, retrying the images that failed before); return
@@ -186,9 +191,9 @@ def build_features(data_dir: Path, config: EncoderConfig, batch_size: int = 64, 
         encoder = copy.deepcopy(encoder)  # for_inference changes the weights' layout; the caller may be training it
     dev = resolve_device(device)
     model = encoder.for_inference(dev)
-    index = {"ids": [r.id for r in records], "encoder": config.to_json()}
     dataset = ImageFiles([r.path for r in records], config.preprocess)
-    return fill_cache(cache_dir(data_dir, config), index, (config.feature_dim,), records, dataset,
+    return fill_cache(cache_dir(data_dir, config), feature_index(records, config), (config.feature_dim,), records,
+                      dataset,
                       lambda batch: model.encode(batch.to(dev, non_blocking=True)).float().cpu().numpy(),
                       collate_images, batch_size, dev, workers)
 

@@ -36,14 +36,14 @@ from .config import ModelConfig, default_encoder
 from .encoder import EncoderConfig, build_encoder, state_digest
 from .errors import ConfigError, DatasetError, TrainingError
 from .evaluate import caption_features, caption_split, score
-from .features import (FeatureCache, ImageFiles, ImagePairs, PairIndex, build_features, cache_complete, cache_dir,
+from .features import (FeatureCache, ImageFiles, ImagePairs, PairIndex, cache_complete, cache_dir,
                        collate_images)
 from .finetune import init_decoder, start_vocab
 from .manifest import REPORT, VOCAB, load_manifest, split_records
 from .model import CaptionDecoder, caption_loss
 from .runlog import RunLog
 from .runtime import autocast, resolve_device, resolve_precision
-from .views import draw_views, ensure_view_cache, open_view_cache, view_features
+from .views import draw_views, ensure_view_cache, make_features, open_view_cache, view_features
 from .vocab import Vocab
 
 
@@ -301,7 +301,7 @@ class Trainer:
             if not cache_complete(directory):
                 if self.rank == 0:
                     print(f"no complete feature cache at {directory}: building it")
-                    build_features(self.data_dir, enc, device=cfg.device, workers=cfg.workers, encoder=self.encoder)
+                    make_features(self.data_dir, enc, self.encoder, device=cfg.device, workers=cfg.workers)
                 if self.world > 1:
                     dist.barrier()
             cache = FeatureCache(directory)

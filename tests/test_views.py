@@ -172,3 +172,62 @@ def test_a_resumed_run_with_views_and_tuned_blocks_continues_exactly(data_dir, t
 def json_lines(path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return list({r["step"]: r for r in rows}.values())
+
+
+def _tuned(encoder, config, blocks):
+    """A copy of ``encoder`` whose last ``blocks`` blocks moved, marked as ``train --tune-blocks`` marks it."""
+    import copy
+    import dataclasses
+    tuned = copy.deepcopy(encoder)
+    _, tail = split_encoder(tuned, blocks, config.name)
+    with torch.no_grad():
+        for p in tail.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    provenance = {**config.provenance, "tuned": {"blocks": blocks, "sha256": state_digest(tuned)}}
+    return tuned, dataclasses.replace(config, provenance=provenance)
+
+
+def test_features_of_a_tuned_cnn_come_from_its_view_cache(data_dir, tmp_path, capsys):
+    """`features --checkpoint` of a model with tuned last blocks runs only those blocks on the view cache's
+    centre crops: the tuned CNN's features (float16 apart), an index a CNN pass would reuse, the view
+    cache's unreadable photos still listed; a view cache made by other weights than the model's stem is
+    not used."""
+    from captioner.features import build_features, read_failures
+    from captioner.views import features_from_view_cache
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("features"))
+    encoder, config = build_encoder(TEST_ENCODER)
+    torch.manual_seed(0)
+    tuned, tuned_config = _tuned(encoder, config, 1)
+    assert features_from_view_cache(data, tuned_config, tuned, device="cpu") is None  # no view cache yet
+    views = build_view_cache(data, config, encoder, views=1, tail=1, device="cpu", workers=0)
+    records = load_manifest(data)
+    lost = records[3]
+    report = json.loads((views / "report.json").read_text())  # as if the view cache could not read one photo
+    (views / "report.json").write_text(json.dumps({"failed": report["failed"] + [
+        {"id": lost.id, "path": lost.path, "error": "truncated JPEG"}]}))
+
+    directory = features_from_view_cache(data, tuned_config, tuned, device="cpu")
+    assert directory == cache_dir(data, tuned_config)
+    assert read_failures(directory)[lost.id]["error"] == "truncated JPEG"
+    ids = [r.id for r in records[:8] if r.id != lost.id]
+    pixels = torch.stack([tuned_config.preprocess(load_image(r.path)) for r in records[:8] if r.id != lost.id])
+    with torch.no_grad():
+        expected, untuned_features = tuned.eval()(pixels), encoder.eval()(pixels)
+    got = FeatureCache(directory).gather(ids)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(got, untuned_features, rtol=2e-2, atol=2e-2)
+    capsys.readouterr()
+    (views / "report.json").write_text(json.dumps(report))
+    shutil.rmtree(directory)
+    directory = features_from_view_cache(data, tuned_config, tuned, device="cpu")
+    assert build_features(data, tuned_config, device="cpu", workers=0, encoder=tuned) == directory
+    assert "is complete" in capsys.readouterr().out  # same index: a CNN pass reuses it
+
+    deeper, deeper_config = _tuned(encoder, config, 2)  # its stem includes a block the view cache did not see tuned
+    assert features_from_view_cache(data, deeper_config, deeper, device="cpu") is None
+
+    capsys.readouterr()
+    _train(data, tmp_path / "run")  # a frozen CNN without a feature cache: training makes it the same way
+    assert f"view cache {views}: its centre crops" in capsys.readouterr().out
+    torch.testing.assert_close(FeatureCache(cache_dir(data, config)).gather(ids), untuned_features, rtol=2e-2, atol=2e-2)
