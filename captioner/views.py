@@ -239,9 +239,14 @@ def model_features(data_dir: Path, config: EncoderConfig, encoder: Encoder, view
                    val: list[Record], device: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """A checkpoint's own features, for what trains on top of it (``captioner scst``, ``captioner matching``):
     (N, views + 1, D) of the ``train`` records, view 0 the centre crop, through the CNN's tuned blocks; with
-    ``views`` 0 the feature cache's one view (N, 1, D). And (N_val, D) centre crops of ``val``."""
+    ``views`` 0 the feature cache's one view (N, 1, D). And (N_val, D) centre crops of ``val``. A missing
+    cache is made first (``make_features``, ``ensure_view_cache``), as training makes its own."""
     if not views:
-        cache = FeatureCache(cache_dir(data_dir, config))
+        directory = cache_dir(data_dir, config)
+        if not cache_complete(directory):
+            print(f"no complete feature cache at {directory}: building it")
+            make_features(data_dir, config, encoder, device=device)
+        cache = FeatureCache(directory)
         missing = [r.id for r in train if r.id in cache.failed]
         if missing:
             raise DatasetError(f"{cache.directory}: {len(missing)} training images could not be encoded "

@@ -151,6 +151,23 @@ def test_scst_on_views_of_a_tuned_model_uses_its_own_cnn(data_dir, tmp_path):
     assert trainer.view_of.max() > 0
 
 
+def test_scst_without_views_makes_the_tuned_models_own_feature_cache(data_dir, tmp_path):
+    """SCST (or matching) on a tuned model whose feature cache is missing makes it, from the view cache its
+    training left, instead of refusing: the features are the tuned CNN's."""
+    from captioner.scst import ScstConfig, ScstTrainer
+    loaded = _train(data_dir, tmp_path / "run", "--tune-blocks", "1", "--views", "1", "--encoder-lr", "1e-3")
+    assert not cache_dir(data_dir, loaded.config.encoder).exists()
+    trainer = ScstTrainer(data_dir, tmp_path / "scst", ScstConfig(init_from=str(tmp_path / "run" / "best"), epochs=1,
+                                                                 batch_size=16))
+    records = trainer.train_records[:4]
+    pixels = torch.stack([loaded.config.encoder.preprocess(load_image(r.path)) for r in records])
+    with torch.no_grad():
+        expected = loaded.encoder(pixels)
+    assert trainer.features.shape[1] == 1
+    torch.testing.assert_close(trainer.features[:4, 0], expected, rtol=2e-2, atol=2e-2)
+    assert FeatureCache(cache_dir(data_dir, loaded.config.encoder)).ids == [r.id for r in load_manifest(data_dir)]
+
+
 def test_a_resumed_run_with_views_and_tuned_blocks_continues_exactly(data_dir, tmp_path):
     """The views drawn, the tuned blocks and their optimizer state all come back on --resume: the losses after
     the interruption are those of the uninterrupted run, bit for bit. The first run also builds the view
