@@ -470,7 +470,8 @@ def _add_scst(sub) -> None:
     from captioner.scst import BASELINES, ScstConfig
     p = sub.add_parser("scst", help="self-critical training: optimise CIDEr-D of sampled captions (after train)",
                        description="Starts from a trained checkpoint and reads the data directory's feature cache of "
-                                   "that checkpoint's encoder; keeps the epoch with the best val CIDEr-D in OUT/best.")
+                                   "that checkpoint's encoder (made first when missing); keeps the epoch with the best "
+                                   "val CIDEr-D in OUT/best.")
     p.add_argument("data_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="run directory (best/, log.jsonl, metrics.jsonl)")
     p.add_argument("--device", default="cpu")
