@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
-from captioner.decoding import DecodeConfig, decode  # noqa: E402
-from captioner.evaluate import score  # noqa: E402
+from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.evaluate import caption_features, score  # noqa: E402
 from captioner.features import FeatureCache, cache_dir  # noqa: E402
 from captioner.manifest import load_manifest, split_records  # noqa: E402
 from captioner.model import EnsembleDecoder  # noqa: E402
@@ -62,16 +62,13 @@ def main() -> None:
     feats = [FeatureCache(cache_dir(args.data_dir, m.config.encoder)).gather(ids) for m in models]
     config = DecodeConfig(strategy="beam", beam_size=args.beam_size, length_penalty=0.0,
                           max_len=models[0].decode_config().max_len)
-    specials = models[0].vocab.specials
-    runs = {Path(c).as_posix(): (m.decoder, f) for c, m, f in zip(args.checkpoints, models, feats)}
-    runs["ensemble"] = (MixedEnsemble([m.decoder for m in models], [f.shape[1] for f in feats]),
-                        torch.cat(feats, dim=1))
-    for name, (decoder, features) in runs.items():
-        captions = {}
-        for i in range(0, len(records), args.batch_size):
-            hyps = decode(decoder, features[i:i + args.batch_size].float(), config, specials)
-            captions.update({r.id: models[0]._describe(h[0])["caption"]
-                             for r, h in zip(records[i:i + args.batch_size], hyps)})
+    first = models[0]
+    ensemble = Captioner(first.encoder, MixedEnsemble([m.decoder for m in models], [f.shape[1] for f in feats]),
+                         first.vocab, first.config, "cpu", "fp32")
+    runs = {Path(c).as_posix(): (m, f) for c, m, f in zip(args.checkpoints, models, feats)}
+    runs["ensemble"] = (ensemble, torch.cat(feats, dim=1))
+    for name, (captioner, features) in runs.items():
+        captions = caption_features(captioner, records, features, config, args.batch_size)
         metrics = score(records, captions)
         words = {w for c in captions.values() for w in c.split()}
         print(f"{name:45s} BLEU-4 {metrics['Bleu_4'] * 100:5.2f}  CIDEr-D {metrics['CIDEr'] * 100:5.2f}  "
