@@ -24,6 +24,7 @@ from captioner.errors import USER_ERRORS
 from captioner.explain import overlay
 from captioner.fetch import MAX_IMAGE_BYTES, FetchConfig, is_url
 from captioner.images import ImageLoadError
+from captioner.tuning import TuneConfig
 
 ROOT = Path(__file__).resolve().parent
 GRADFLOW_PNG = ROOT / "docs" / "gradflow.png"
@@ -53,7 +54,8 @@ def example_images() -> list[str]:
 
 def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, temperature: float, top_p: float,
                    beam_size: float, num_return: float, guide: bool = False,
-                   url: str | None = None, specificity: float | None = None) -> tuple[str, list[list], dict]:
+                   url: str | None = None, specificity: float | None = None,
+                   by_fit: bool | None = None) -> tuple[str, list[list], dict]:
     """One request: the best caption, the n-best table and what the CNN recognises (caption word ->
     probability, for ``gr.Label``); bad input becomes a ``gr.Error`` shown in the UI.
 
@@ -65,7 +67,9 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
 
     Without an upload, ``url`` (the "Image URL" box) is fetched under ``PUBLIC_URLS``; text that is not
     a URL is refused, never opened as a path on the server. ``specificity`` (beam only; None: the model's
-    recommended one) favours rarer words (``DecodeConfig.specificity``).
+    recommended one) favours rarer words (``DecodeConfig.specificity``); ``by_fit`` (beam with a matching model)
+    instead chooses it per photo among ``fit_levels(captioner)`` (``DecodeConfig.specificity_levels``), and
+    None leaves that to the model's recommendation.
     """
     source = upload["path"] if upload is not None else (url or "").strip()
     if not source:
@@ -83,8 +87,7 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count,
                                          guide=bool(guide) and strategy == "beam" and captioner.can_tag,
-                                         **({} if specificity is None or strategy != "beam"
-                                            else {"specificity": float(specificity)}))
+                                         **specificity_options(captioner, strategy, specificity, by_fit))
         features = captioner.features([source], fetch=PUBLIC_URLS)
         nbest = captioner.generate(features, config)[0]
         tags = captioner.tagger.tags(features, threshold=0.05)[0] if captioner.can_tag else []
@@ -101,6 +104,25 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         best = gr.Textbox(value=best, label=f"Best caption \u00b7 confidence {nbest[0]['confidence']:.2f} "
                                             "(calibrated chance that it is a good caption: docs/calibration.md)")
     return best, table, {f"{t.word} ({t.imagenet_class})": t.prob for t in tags}
+
+
+def fit_levels(captioner: Captioner | None) -> tuple[float, ...]:
+    """The specificities "by fit" chooses among: the model's recommended ones, else the tuning grid's; () when
+    the model has no matching model to judge the fit."""
+    if captioner is None or captioner.matcher is None:
+        return ()
+    return recommended_beam(captioner).specificity_levels or TuneConfig.specificity_levels
+
+
+def specificity_options(captioner: Captioner, strategy: str, specificity: float | None,
+                        by_fit: bool | None) -> dict:
+    """The request's specificity as decoding options: levels chosen per photo when ``by_fit`` (and the model can
+    judge the fit), else the slider's fixed value; nothing given: the model's recommendation."""
+    if strategy != "beam" or (specificity is None and by_fit is None):
+        return {}
+    if by_fit and fit_levels(captioner):
+        return {"specificity_levels": fit_levels(captioner)}
+    return {"specificity": float(specificity if specificity is not None else recommended_beam(captioner).specificity)}
 
 
 EXPLAIN_OPTIONS = {"strategy": "beam"}  # the Caption tab's default: beam search as the model's decoding.json sets it
@@ -185,7 +207,14 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                     specificity = gr.Slider(0.0, MAX_SPECIFICITY, value=recommended_beam(captioner).specificity,
                                             step=0.05, label="Specificity", elem_id="specificity",
                                             info="beam only: favour rarer, more specific words (0 = off); "
-                                                 "more varied captions, slightly less accurate on average")
+                                                 "more varied captions, slightly less accurate on average",
+                                            interactive=not recommended_beam(captioner).specificity_levels)
+                    by_fit = gr.Checkbox(value=bool(recommended_beam(captioner).specificity_levels),
+                                         label="Specificity by fit", elem_id="specificity-fit",
+                                         interactive=bool(fit_levels(captioner)),
+                                         info="beam only: decode at several specificities and keep, per photo, the "
+                                              "caption that the matching model finds fits it best (the slider is "
+                                              "then unused; needs the model's matching model)")
                     guide = gr.Checkbox(value=True, label="Name what the CNN recognises", elem_id="guide",
                                         info="beam only: the caption must use the word of an object the CNN's "
                                              "ImageNet classifier is sure of (constrained beam search; "
@@ -203,9 +232,11 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                                          interactive=False, elem_id="nbest")
                     tags = gr.Label(label="Recognised by the CNN (caption word, ImageNet class)", num_top_classes=5,
                                     elem_id="tags")
+            by_fit.change(lambda fit: gr.Slider(interactive=not fit), inputs=[by_fit], outputs=[specificity],
+                          api_name=False)
             button.click(functools.partial(caption_upload, captioner),
                          inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide, image_url,
-                                 specificity],
+                                 specificity, by_fit],
                          outputs=[caption, nbest, tags], api_name="caption", preprocess=False)
         with gr.Tab("Explain"):
             gr.Markdown("Which pixels made the model say each word: click a word of the caption to see its "

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_checkpoint
 from .confidence import Calibration, add_confidence, tag_probs
 from .consensus import ConsensusIndex
-from .matching import Matcher
+from .matching import Matcher, pick_levels
 from .config import ModelConfig
 from .decoding import DecodeConfig, Hypothesis, decode, finish_static, greedy_static
 from .encoder import Encoder
@@ -146,9 +146,14 @@ class Captioner:
         """Decoding options over this model's defaults: its caption length as ``max_len`` and, unless
         ``options`` name another strategy, the decoding its checkpoint recommends (``decoding.json``, chosen on
         validation by ``captioner tune-decoding``). Another strategy starts from ``DecodeConfig``'s own
-        defaults, so ``strategy="greedy"`` is plain greedy whatever beam settings the model prefers."""
+        defaults, so ``strategy="greedy"`` is plain greedy whatever beam settings the model prefers. A fixed
+        ``specificity`` given replaces recommended ``specificity_levels`` and the other way round."""
         recommended = self.decoding.get("strategy", DecodeConfig.strategy)
-        defaults = self.decoding if options.get("strategy", recommended) == recommended else {}
+        defaults = dict(self.decoding) if options.get("strategy", recommended) == recommended else {}
+        if "specificity" in options or options.get("consensus"):
+            defaults.pop("specificity_levels", None)
+        if options.get("specificity_levels"):
+            defaults.pop("specificity", None)
         return DecodeConfig(**{"max_len": self.config.max_len, **defaults, **options})
 
     @torch.inference_mode()
@@ -206,20 +211,27 @@ class Captioner:
         if config.consensus and self.consensus is None:
             raise ConfigError("consensus reranking needs the checkpoint's consensus index: build it from your "
                               "training data with `captioner consensus-index DATA --checkpoint CHECKPOINT`")
-        if config.match_weight and self.matcher is None:
-            raise ConfigError("matching reranking needs the checkpoint's matching model: train it with "
-                              "`captioner matching DATA --checkpoint CHECKPOINT`")
-        rerank = config.consensus or config.match_weight
+        if (config.match_weight or config.specificity_levels) and self.matcher is None:
+            raise ConfigError(f"{'specificity by fit' if config.specificity_levels else 'matching reranking'} needs "
+                              "the checkpoint's matching model: train it with `captioner matching DATA --checkpoint "
+                              "CHECKPOINT`")
+        rerank = config.consensus or config.match_weight or config.specificity_levels
         if config.strategy == "greedy" and self.graphs:
             hyps = self._greedy(features, config)
         else:
             search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
-            rarity = self.rarity if config.specificity else None
+            rarity = self.rarity if config.specificity or config.specificity_levels else None
             with autocast(self.precision, self.device):
                 hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
             nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)
+        elif config.specificity_levels:  # one row per (level, image): each level reranked, then a level per image
+            b = len(features)
+            nbest = self.matcher.rerank(nbest, features.repeat(len(config.specificity_levels), 1), self.vocab,
+                                        config.match_weight)
+            nbest = pick_levels([nbest[i:i + b] for i in range(0, len(nbest), b)], config.specificity_levels,
+                                config.specificity_cost)
         elif config.match_weight:
             nbest = self.matcher.rerank(nbest, features, self.vocab, config.match_weight)
         nbest = [n[:config.num_return] for n in nbest] if rerank else nbest

@@ -183,10 +183,11 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True, matching: bo
                               f"{CONSENSUS_INDEX}; build it with `captioner consensus-index` or re-run `captioner "
                               "tune-decoding`")
     matcher = read_matcher(directory, config.encoder, vocab) if matching else None
-    if decoding.get("match_weight") and matcher is None and matching:
-        raise CheckpointError(f"{directory / DECODING}: recommends matching reranking, but the directory has no "
+    if (decoding.get("match_weight") or decoding.get("specificity_levels")) and matcher is None and matching:
+        what = "specificity by fit" if decoding.get("specificity_levels") else "matching reranking"
+        raise CheckpointError(f"{directory / DECODING}: recommends {what}, but the directory has no "
                               f"{MATCHING_CONFIG}; train it with `captioner matching` or re-run `captioner tune-decoding`")
-    if decoding.get("specificity"):
+    if decoding.get("specificity") or decoding.get("specificity_levels"):
         try:
             vocab.rarity()
         except VocabError as err:

@@ -218,7 +218,8 @@ def cmd_train(args) -> int:
 
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
                 "no_repeat_ngram", "seed", "guide", "guide_threshold", "consensus",
-                "consensus_weight", "match_weight", "specificity")  # DecodeConfig fields given as flags
+                "consensus_weight", "match_weight", "specificity", "specificity_levels",
+                "specificity_cost")  # DecodeConfig fields given as flags
 DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
                            "tune-decoding`), whose settings also fill the beam flags left out",
                "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
@@ -231,12 +232,17 @@ DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its
                "match_weight": "beam only: rerank the beam's captions by the model's score + this x their match with "
                                "the photo (needs the checkpoint's matching model, `captioner matching`; 0: off)",
                "specificity": "beam only: rank captions by log-probability + this x each word's rarity in the training "
-                              "captions: more specific, more varied words for some BLEU (0: off)"}
+                              "captions: more specific, more varied words for some BLEU (0: off)",
+               "specificity_levels": "beam with the matching model: comma list of specificities decoded at once; each "
+                                     "photo keeps the level whose caption matches it best, less --specificity-cost x "
+                                     "the level ('' for off)",
+               "specificity_cost": "cosine a caption pays per unit of its --specificity-levels level"}
 
 
 def _add_decode_args(p) -> None:
     from captioner.decoding import STRATEGIES, DecodeConfig
-    _add_config_flags(p, DecodeConfig, DECODE_FLAGS, DECODE_HELP, {"strategy": STRATEGIES}, {"seed": int})
+    _add_config_flags(p, DecodeConfig, DECODE_FLAGS, DECODE_HELP, {"strategy": STRATEGIES},
+                      {"seed": int, "specificity_levels": _numbers(float)})
     p.add_argument("--max-len", type=int, help="longest caption (default: the model's)")
     p.add_argument("--allow-unk", action="store_true", help="let <unk> appear in captions")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled model)")
@@ -526,7 +532,8 @@ def cmd_calibrate(args) -> int:
 
 
 TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "guide", "consensus", "consensus_weights",
-              "match_weights", "specificities", "cider_tie", "batch_size")  # TuneConfig fields given as flags
+              "match_weights", "specificities", "specificity_levels", "specificity_costs", "cider_tie",
+              "batch_size")  # TuneConfig fields given as flags
 TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes": "comma list of beam widths",
              "length_penalties": "comma list of alphas in logprob / len**alpha",
              "guide": "guide every setting (needs the encoder's ImageNet head)", "batch_size": "images decoded at once",
@@ -536,6 +543,9 @@ TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes"
              "match_weights": "with a matching model: comma list of weights of the image-caption match to rerank "
                               "each setting with ('' for none)",
              "specificities": "comma list of specificities (rarer-word bonus) to decode each setting with (0: none)",
+             "specificity_levels": "with a matching model: comma list of specificities also decoded, then a level "
+                                   "chosen per photo by its match ('' for none)",
+             "specificity_costs": "comma list of cosine costs per unit of specificity for the level chosen per photo",
              "cider_tie": "CIDEr-D (0-10) below the best that still ties; ties go to the most distinct words"}
 
 
@@ -562,7 +572,8 @@ def _add_tune_decoding(sub) -> None:
     _add_config_flags(p, TuneConfig, TUNE_FLAGS, TUNE_HELP,
                       types={"beam_sizes": _numbers(int), "length_penalties": _numbers(float),
                              "consensus": _numbers(int), "consensus_weights": _numbers(float),
-                             "match_weights": _numbers(float), "specificities": _numbers(float)})
+                             "match_weights": _numbers(float), "specificities": _numbers(float),
+                             "specificity_levels": _numbers(float), "specificity_costs": _numbers(float)})
 
 
 def cmd_tune_decoding(args) -> int:
@@ -572,11 +583,12 @@ def cmd_tune_decoding(args) -> int:
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
     result = tune_decoding(captioner, args.data_dir, config)
-    print(f"{'beam':>4} {'alpha':>5} {'spec':>4} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
+    print(f"{'beam':>4} {'alpha':>5} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:
         rerank = (f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row
                   else f"match {row['match_weight']}" if "match_weight" in row else "-")
-        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {row.get('specificity', 0):>4} {rerank:>12} | {row['bleu4'] * 100:6.2f} "
+        spec = f"fit {row['specificity_cost']}" if "specificity_levels" in row else row.get("specificity", 0)
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {spec:>8} {rerank:>12} | {row['bleu4'] * 100:6.2f} "
               f"{row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
     print(f"chosen ({result['rule']}): {result['defaults']}")
     if not args.dry_run:

@@ -50,8 +50,17 @@ class DecodeConfig:
     # over the generic one ("dog", "man") when the model finds both likely; the hypotheses' log-probabilities stay
     # the model's. More varied words for some BLEU (MODEL_CARD "Specificity"). 0: off.
     specificity: float = 0.0
+    # Specificity by fit (beam, with the checkpoint's matching model): the beam is decoded at each of these
+    # specificities at once (each level's captions reranked by ``match_weight`` as usual), and each photo keeps the
+    # level whose caption matches it best, a level s paying ``specificity_cost`` x s of cosine: a rarer word where
+    # the matching model finds it fits the photo, the plain caption where it does not. One fixed specificity
+    # trades accuracy for words on every photo; choosing per photo gives more words for less (MODEL_CARD
+    # "Specificity by fit"). (): off; then ``specificity`` must be 0.
+    specificity_levels: tuple[float, ...] = ()
+    specificity_cost: float = 0.2
 
     def __post_init__(self) -> None:
+        self.specificity_levels = tuple(float(s) for s in self.specificity_levels)  # decoding.json gives a list
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.max_len < 1 or self.beam_size < 1 or self.num_return < 1:
@@ -74,11 +83,20 @@ class DecodeConfig:
             raise ConfigError("choose one reranking: consensus or match_weight")
         if self.specificity < 0 or (self.specificity and self.strategy != "beam"):
             raise ConfigError("specificity ranks a beam's hypotheses: use specificity >= 0 with strategy 'beam'")
+        if self.specificity_levels:
+            if self.strategy != "beam" or self.specificity or self.consensus:
+                raise ConfigError("specificity_levels choose a beam's specificity per photo: use them with strategy "
+                                  "'beam', without a fixed specificity and without consensus reranking")
+            if min(self.specificity_levels) < 0 or len(set(self.specificity_levels)) < 2:
+                raise ConfigError(f"specificity_levels must be two or more distinct values >= 0, got "
+                                  f"{self.specificity_levels}")
+        if self.specificity_cost < 0:
+            raise ConfigError(f"specificity_cost must be >= 0, got {self.specificity_cost}")
         if not 0 < self.guide_threshold <= 1:
             raise ConfigError(f"guide_threshold must be in (0, 1], got {self.guide_threshold}")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "specificity_levels": list(self.specificity_levels)}  # as JSON gives it back
 
     def describe(self) -> str:
         """The setting as people say it: "greedy", "beam 5 (length penalty 0.8), guided"."""
@@ -86,6 +104,9 @@ class DecodeConfig:
         consensus = f", consensus of {self.consensus} neighbours (weight {self.consensus_weight})" if self.consensus else ""
         match = f", reranked by image-caption match (weight {self.match_weight})" if self.match_weight else ""
         specific = f", specificity {self.specificity}" if self.specificity else ""
+        if self.specificity_levels:
+            levels = "/".join(f"{s:g}" for s in self.specificity_levels)
+            specific = f", specificity by fit ({levels}, cost {self.specificity_cost})"
         return (f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{specific}"
                 f"{consensus}{match}")
 
@@ -162,12 +183,21 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     (an empty list leaves that image unconstrained).
 
     ``rarity``: (V,) ``Vocab.rarity`` on the decoder's device; needed when ``config.specificity`` is set.
+
+    With ``config.specificity_levels`` the beam runs at every level at once and the answer has one row per
+    (level, image), level-major: ``len(levels) * B`` rows (``Captioner.generate`` picks each image's level).
     """
-    if config.specificity and rarity is None:
+    if (config.specificity or config.specificity_levels) and rarity is None:
         raise ConfigError("specificity needs the vocabulary's word rarity (Vocab.rarity)")
-    if config.strategy == "beam":
-        return _beam(decoder, features, config, specials, constraints, rarity)
-    return _sample(decoder, features, config, specials)
+    if config.strategy != "beam":
+        return _sample(decoder, features, config, specials)
+    if not config.specificity_levels:
+        bonus = None if not config.specificity else config.specificity * rarity[None]
+        return _beam(decoder, features, config, specials, constraints, bonus)
+    levels = torch.tensor(config.specificity_levels, device=features.device, dtype=rarity.dtype)
+    n = len(levels)
+    return _beam(decoder, features.repeat(n, 1), config, specials, None if constraints is None else constraints * n,
+                 levels.repeat_interleave(features.shape[0])[:, None] * rarity[None])
 
 
 def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,
@@ -270,11 +300,12 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
 
 
 def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
-          constraints: list[list[int]] | None = None, rarity: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+          constraints: list[list[int]] | None = None, bonus: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step.
 
-    With ``config.specificity`` the ranking sum is ``logprob + specificity x the words' rarity`` instead: it is
-    carried beside the true log-probability (``rank``), which the hypotheses report.
+    With a ``bonus`` ((1, V) for all images or (B, V) per image: specificity x the words' rarity) the ranking sum
+    is ``logprob + the words' bonus`` instead: it is carried beside the true log-probability (``rank``), which
+    the hypotheses report.
 
     With ``constraints`` it is a constrained beam search (Anderson et al., 2017) for one disjunctive
     constraint: each image keeps two beams of ``k`` hypotheses, group 0 (no constraint word yet) and
@@ -294,14 +325,15 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     length = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     sources = _group_sources(constraints, b, decoder.config.vocab_size, device)
-    bonus = None if not config.specificity else config.specificity * rarity  # (V,); 0 for <pad>: finished rows keep their sum
+    # bonus: (1 or B, V); 0 for <pad>, so finished rows keep their sum
+    bonus = None if bonus is None else bonus.view(-1, 1, 1, bonus.shape[-1])
     rank = logprob
     for _ in range(config.max_len):
         logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*g*k, V)
         logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
-        cand_rank = cand if bonus is None else rank[..., None] + (logp + bonus).view(b, g, k, v)
+        cand_rank = cand if bonus is None else rank[..., None] + (logp.view(b, g, k, v) + bonus)
         cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
         rows, new_lp, new_rank, new_len, new_tok = [], [], [], [], []
         for pool in sources:  # each target group's new k beams

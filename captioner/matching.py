@@ -124,6 +124,22 @@ class Matcher:
         return [sorted(candidates, key=lambda c: -(c["score"] + weight * c["match"])) for candidates in nbest]
 
 
+def pick_levels(per_level: list[list[list[dict]]], levels: tuple[float, ...], cost: float) -> list[list[dict]]:
+    """Specificity by fit (``DecodeConfig.specificity_levels``): per level, per photo its reranked n-best (each
+    candidate with its ``"match"``) -> per photo the n-best of the level whose first caption has the highest
+    match - ``cost`` x level; a tie goes to the lower level. Why the match decides: it is the one judge of
+    whether a rarer word ("poodle" for "dog") is what *this* photo shows, which the rarity bonus alone cannot
+    know; the cost keeps the plainer caption unless the rarer one fits clearly better. The fit is rounded to 6
+    decimals, so that a tie is a tie whatever the float error of ``cost x level``."""
+    order = sorted(range(len(levels)), key=lambda i: levels[i])
+    picked = []
+    for photo in range(len(per_level[0])):
+        fit = [(round(per_level[i][photo][0]["match"] - cost * levels[i], 6), -levels[i], i) for i in order
+               if per_level[i][photo]]
+        picked.append(per_level[max(fit)[2]][photo] if fit else [])
+    return picked
+
+
 def contrastive_loss(images: torch.Tensor, captions: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE over in-batch pairs: row i of each is one (photo, caption) pair."""
     logits = images @ captions.T / temperature

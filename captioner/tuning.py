@@ -35,7 +35,7 @@ DECODING = "decoding.json"
 FORMAT = "captioner-decoding/1"
 # DecodeConfig fields a checkpoint may recommend: how to search, not what to return (num_return, seed stay the caller's)
 RECOMMENDABLE = ("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "guide", "guide_threshold", "consensus",
-                 "consensus_weight", "match_weight", "specificity")
+                 "consensus_weight", "match_weight", "specificity", "specificity_levels", "specificity_cost")
 
 
 @dataclass
@@ -56,6 +56,12 @@ class TuneConfig:
     # Every beam setting decoded at each specificity (``DecodeConfig.specificity``: a bonus for rarer words);
     # (0.0,) leaves it off. Each value is a decoding pass of its own.
     specificities: tuple[float, ...] = (0.0, 0.15, 0.3)
+    # With a matching model: every beam setting also decoded at these levels, and measured choosing a level per
+    # photo (``DecodeConfig.specificity_levels``) at each cost x match weight; () skips it. The levels' count is
+    # the single-photo cost (5 levels: 190 ms against 81 ms for one on the 2-core CPU); none above 0.6, where
+    # about half the captions the matching model picked were no longer grammatical (MODEL_CARD "Specificity by fit").
+    specificity_levels: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6)
+    specificity_costs: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3)
     # CIDEr-D (0-10 scale) below the best that still counts as a tie, broken by distinct words. 0.005 (0.5 points
     # x100): the paired standard error of the CIDEr-D difference between two close settings of the bundled model on
     # Flickr8k's 1,000 val photos was 0.43-0.72 points (MODEL_CARD "Specificity").
@@ -82,6 +88,8 @@ class TuneConfig:
             raise ConfigError("the grid needs at least one specificity (0 for none)")
         for specificity in self.specificities:
             DecodeConfig(strategy="beam", specificity=specificity)
+        for cost in self.specificity_costs if self.specificity_levels else ():
+            DecodeConfig(strategy="beam", specificity_levels=self.specificity_levels, specificity_cost=cost)
 
 
 def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) -> dict:
@@ -90,6 +98,7 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
     from .evaluate import nbest_features, score
     from .features import FeatureCache, cache_dir
     from .manifest import load_manifest, split_records
+    from .matching import pick_levels
 
     records = split_records(load_manifest(data_dir), config.split)
     if not records:
@@ -109,19 +118,27 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
                 "rouge_l": round(metrics["ROUGE_L"], 5), "distinct_words": len({w for c in words for w in c}),
                 "mean_words": round(sum(map(len, words)) / len(words), 3), "images": len(records)}
 
-    for beam, alpha, specificity in itertools.product(config.beam_sizes, config.length_penalties, config.specificities):
-        setting = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide}
-        if specificity:
-            setting["specificity"] = specificity
-        search = DecodeConfig(**{"max_len": captioner.config.max_len, **setting}, num_return=beam)
-        nbest = nbest_features(captioner, feats, search, config.batch_size)  # the whole beam, best first: once
-        rows.append(row(setting, nbest))
-        for k, weight in reranked:  # the same beams reranked: what ``--consensus k`` returns
-            rows.append(row({**setting, "consensus": k, "consensus_weight": weight},
-                            captioner.consensus.rerank(nbest, feats, k, weight)))
-        for weight in matched:  # and by their match with the photo: what ``--match-weight`` returns
-            rows.append(row({**setting, "match_weight": weight},
-                            captioner.matcher.rerank(nbest, feats, captioner.vocab, weight)))
+    levels = config.specificity_levels if matched else ()
+    decoded = [*config.specificities, *(s for s in levels if s not in config.specificities)]
+    for beam, alpha in itertools.product(config.beam_sizes, config.length_penalties):
+        base = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide}
+        by_level = {}  # (match weight, specificity) -> the reranked n-best
+        for specificity in decoded:
+            setting = {**base, "specificity": specificity} if specificity else base
+            search = DecodeConfig(**{"max_len": captioner.config.max_len, **setting}, num_return=beam)
+            nbest = nbest_features(captioner, feats, search, config.batch_size)  # the whole beam, best first: once
+            rows.append(row(setting, nbest))
+            for k, weight in reranked:  # the same beams reranked: what ``--consensus k`` returns
+                rows.append(row({**setting, "consensus": k, "consensus_weight": weight},
+                                captioner.consensus.rerank(nbest, feats, k, weight)))
+            for weight in matched:  # and by their match with the photo: what ``--match-weight`` returns
+                by_level[weight, specificity] = captioner.matcher.rerank(nbest, feats, captioner.vocab, weight)
+                rows.append(row({**setting, "match_weight": weight}, by_level[weight, specificity]))
+        for weight, cost in itertools.product(matched, config.specificity_costs) if levels else ():
+            # a level per photo from the same beams: what ``--specificity-levels ... --specificity-cost`` returns
+            rows.append(row({**base, "match_weight": weight, "specificity_levels": list(levels),
+                             "specificity_cost": cost},
+                            pick_levels([by_level[weight, s] for s in levels], levels, cost)))
     return {"format": FORMAT, "defaults": choose(rows, config.cider_tie),
             "rule": "highest CIDEr-D among settings with BLEU-4 >= the first setting's (plain beam search); "
                     f"within {config.cider_tie} of it a tie, won by the most distinct words",

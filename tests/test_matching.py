@@ -115,7 +115,8 @@ def test_tune_decoding_measures_matched_settings_as_evaluate_does_and_export_kee
                                                                                              tmp_path):
     assert main(["matching", str(data_dir), "--checkpoint", str(model), *TINY]) == 0
     assert main(["tune-decoding", str(data_dir), "--checkpoint", str(model), "--device", "cpu", "--beam-sizes", "3",
-                 "--length-penalties", "0", "--match-weights", "0.5,4", "--consensus", "", "--specificities", "0"]) == 0
+                 "--length-penalties", "0", "--match-weights", "0.5,4", "--consensus", "", "--specificities", "0",
+                 "--specificity-levels", ""]) == 0
     result = json.loads((model / DECODING).read_text())
     rows = result["grid"]["rows"]
     assert [r.get("match_weight") for r in rows] == [None, 0.5, 4.0]
