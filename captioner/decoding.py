@@ -57,7 +57,7 @@ class DecodeConfig:
     # trades accuracy for words on every photo; choosing per photo gives more words for less (MODEL_CARD
     # "Specificity by fit"). (): off; then ``specificity`` must be 0.
     specificity_levels: tuple[float, ...] = ()
-    specificity_cost: float = 0.2
+    specificity_cost: float = 0.15  # cosine per unit of specificity: the bundled model's choice on val
 
     def __post_init__(self) -> None:
         self.specificity_levels = tuple(float(s) for s in self.specificity_levels)  # decoding.json gives a list
