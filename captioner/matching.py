@@ -131,10 +131,9 @@ def pick_levels(per_level: list[list[list[dict]]], levels: tuple[float, ...], co
     whether a rarer word ("poodle" for "dog") is what *this* photo shows, which the rarity bonus alone cannot
     know; the cost keeps the plainer caption unless the rarer one fits clearly better. The fit is rounded to 6
     decimals, so that a tie is a tie whatever the float error of ``cost x level``."""
-    order = sorted(range(len(levels)), key=lambda i: levels[i])
     picked = []
     for photo in range(len(per_level[0])):
-        fit = [(round(per_level[i][photo][0]["match"] - cost * levels[i], 6), -levels[i], i) for i in order
+        fit = [(round(per_level[i][photo][0]["match"] - cost * level, 6), -level, i) for i, level in enumerate(levels)
                if per_level[i][photo]]
         picked.append(per_level[max(fit)[2]][photo] if fit else [])
     return picked
