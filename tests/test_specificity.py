@@ -38,7 +38,8 @@ def test_the_beam_ranks_by_logprob_plus_rarity_and_reports_the_models_logprob(de
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         for h in hyps:
             length = len(h.tokens) + (len(h.tokens) < MAX_LEN)
-            assert h.score == pytest.approx((h.logprob + s * float(r[h.tokens].sum())) / length ** alpha, rel=1e-5)
+            bonus = s * float(r[sorted(set(h.tokens))].sum())  # each word's rarity once
+            assert h.score == pytest.approx((h.logprob + bonus) / length ** alpha, rel=1e-5)
             assert h.logprob == pytest.approx(model_logprob(decoder, feat, h.tokens, MAX_LEN), abs=1e-4)
 
 
@@ -59,6 +60,15 @@ def test_more_specificity_says_rarer_words(decoder, feats):
     forced = decode(decoder, feats, DecodeConfig(strategy="beam", beam_size=4, max_len=MAX_LEN, specificity=100.0),
                     rarity=one_rare)
     assert all(17 in hyps[0].tokens for hyps in forced)
+
+
+def test_a_word_earns_its_bonus_once_per_caption(decoder, feats):
+    """Paid on every use, a rare word's bonus made the beam repeat it ("murky murky murky water")."""
+    one_rare = torch.zeros(40)
+    one_rare[17] = 3.0
+    out = decode(decoder, feats, DecodeConfig(strategy="beam", beam_size=4, max_len=MAX_LEN, specificity=100.0),
+                 rarity=one_rare)
+    assert [hyps[0].tokens.count(17) for hyps in out] == [1] * len(feats)
 
 
 def test_specificity_zero_is_plain_beam_search(decoder, feats):
