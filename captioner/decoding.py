@@ -183,7 +183,8 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     ``constraints`` (beam only): per image, token ids of which the caption must contain at least one
     (an empty list leaves that image unconstrained).
 
-    ``rarity``: (V,) ``Vocab.rarity`` on the decoder's device; needed when ``config.specificity`` is set.
+    ``rarity``: (V,) ``Vocab.rarity`` on the decoder's device; needed when ``config.specificity`` or
+    ``config.specificity_levels`` is set.
 
     With ``config.specificity_levels`` the beam runs at every level at once and the answer has one row per
     (level, image), level-major: ``len(levels) * B`` rows (``Captioner.generate`` picks each image's level).
@@ -334,10 +335,8 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
-        if bonus is not None:
-            cand_rank = rank[..., None] + (logp.view(b, g, k, v) + _unused(bonus, history, (b, g, k, v)))
-        else:
-            cand_rank = cand
+        cand_rank = cand if bonus is None else rank[..., None] + (logp.view(b, g, k, v)
+                                                                  + _unused(bonus, history, (b, g, k, v)))
         cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
         rows, new_lp, new_rank, new_len, new_tok = [], [], [], [], []
         for pool in sources:  # each target group's new k beams
