@@ -95,6 +95,18 @@ def test_tagger_sums_classes_into_their_caption_word():
     assert tagger.constraints(torch.zeros(1, 4), 0.5, index) == [[index["dog"], index["dogs"]]]  # with the plural
 
 
+@pytest.mark.parametrize("class_name, word", [("school bus", "bus"), ("trolleybus", "bus"), ("minibus", "bus"),
+                                              ("bullet train", "train"), ("pickup", "truck")])
+def test_buses_and_trains_guide_like_other_vehicles(class_name, word):
+    """WordNet files buses and trains under "public transport", not "vehicle": they still name a subject."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "bus", "train", "truck"]
+    index = {w: i for i, w in enumerate(words)}
+    tagger = Tagger(_one_class_encoder(class_name), words, {w: 100 for w in words}, IMAGENET_CATEGORIES)
+    assert tagger.constraints(torch.zeros(1, 4), 0.5, index) == [[index[word]]]
+    tagger = Tagger(_one_class_encoder("coffee mug"), words, {w: 100 for w in words}, IMAGENET_CATEGORIES)
+    assert tagger.constraints(torch.zeros(1, 4), 0.5, index) == [[]]  # an object is not a subject
+
+
 def test_rare_vocabulary_words_are_not_tags():
     words = ["<pad>", "<start>", "<end>", "<unk>", "a", "horse"]
     tagger = Tagger(_one_class_encoder("sorrel"), words, {"horse": 2}, IMAGENET_CATEGORIES)
