@@ -56,8 +56,14 @@ class Tagger:
                                f"this encoder has {len(categories)}")
         self.encoder, self.categories, self.words = encoder, categories, words
         index = {w: i for i, w in enumerate(words)}
-        known = [[index[w] for w in cands if counts.get(w, 0) >= MIN_WORD_COUNT and w in index][:2]
-                 for cands in table["classes"]]
+
+        def singular(word: str) -> str:
+            """WordNet names cattle by plural lemmas ("cows", "oxen"): a tag names one, as most captions do."""
+            one = word[:-1]
+            return one if word.endswith("s") and one in index and counts.get(one, 0) > counts.get(word, 0) else word
+
+        known = [list(dict.fromkeys(index[singular(w)] for w in cands if counts.get(w, 0) >= MIN_WORD_COUNT
+                                    and w in index))[:2] for cands in table["classes"]]
         self.synonyms = known  # class -> up to two vocabulary ids
         # class -> vocabulary id of its name, or -1 (no known word)
         self.class_word = torch.tensor([max(ids, key=lambda i: counts.get(words[i], 0)) if ids else -1 for ids in known])

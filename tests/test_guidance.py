@@ -107,6 +107,15 @@ def test_buses_and_trains_guide_like_other_vehicles(class_name, word):
     assert tagger.constraints(torch.zeros(1, 4), 0.5, index) == [[]]  # an object is not a subject
 
 
+def test_a_class_named_by_a_plural_lemma_is_tagged_by_its_singular():
+    """WordNet's cattle synset is "cattle, cows, kine, oxen": one ox is a "cow" (and may be "cows")."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "cow", "cows"]
+    index = {w: i for i, w in enumerate(words)}
+    tagger = Tagger(_one_class_encoder("ox"), words, {"cow": 37, "cows": 10}, IMAGENET_CATEGORIES)
+    assert [t.word for t in tagger.tags(torch.zeros(1, 4), threshold=0.5)[0]] == ["cow"]
+    assert tagger.constraints(torch.zeros(1, 4), 0.5, index) == [[index["cow"], index["cows"]]]
+
+
 def test_rare_vocabulary_words_are_not_tags():
     words = ["<pad>", "<start>", "<end>", "<unk>", "a", "horse"]
     tagger = Tagger(_one_class_encoder("sorrel"), words, {"horse": 2}, IMAGENET_CATEGORIES)
