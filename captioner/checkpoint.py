@@ -110,6 +110,27 @@ def save_checkpoint(target: Path, config: ModelConfig, vocab: Vocab, decoder: nn
     return real
 
 
+def replace_encoder_tensors(directory: Path, tensors: dict[str, torch.Tensor], provenance: dict) -> None:
+    """Overwrite some of a checkpoint's encoder tensors (each stored in its file's dtype, shape unchanged) and add
+    ``provenance`` to its encoder's record: ``captioner realign-head``. The weights file is replaced first, then
+    the config, each atomically: a crash between the two leaves the new weights without their record (the model
+    loads and runs; re-running the command writes the record)."""
+    from .manifest import write_json_atomic
+    directory = Path(directory)
+    stored = read_tensors(directory / MODEL)
+    for key, value in tensors.items():
+        if key not in stored or stored[key].shape != value.shape:
+            raise CheckpointError(f"{directory / MODEL}: no tensor {key} of shape {tuple(value.shape)} to replace")
+        stored[key] = value.detach().to("cpu", stored[key].dtype).contiguous()
+    tmp = directory / f".{MODEL}.tmp"
+    save_file(stored, str(tmp), metadata={"format": FORMAT})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, directory / MODEL)
+    config = _read_json(directory / CONFIG)
+    config["encoder"]["provenance"] = {**config["encoder"].get("provenance", {}), **provenance}
+    write_json_atomic(directory / CONFIG, config)
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a checkpoint needs {MODEL}, {CONFIG} and {VOCAB})")

@@ -1,4 +1,5 @@
-"""``captioner`` command line: prepare, features, train, caption, evaluate, gradflow, export, report."""
+"""``captioner`` command line: prepare, features, train, caption, evaluate, gradflow, export, report, and the
+commands that add to a checkpoint (scst, calibrate, tune-decoding, consensus-index, matching, realign-head)."""
 
 from __future__ import annotations
 
@@ -681,6 +682,38 @@ def cmd_matching(args) -> int:
     return 0
 
 
+REALIGN_HELP = {"steps": "Adam steps", "lr": "learning rate", "batch_size": "training photos per step",
+                "eval_every": "val KL every this many steps (the best step is kept)", "seed": "minibatch draw seed"}
+
+
+def _add_realign_head(sub) -> None:
+    from captioner.realign import RealignConfig
+    p = sub.add_parser("realign-head", help="re-align a tuned CNN's ImageNet head (tags, guidance) to what the untuned "
+                                            "CNN recognises; writes it into CHECKPOINT",
+                       description="Fits a per-channel scale and shift of the tuned features on the training photos so "
+                                   "that the head's class probabilities match the untuned CNN's, keeps the step with "
+                                   "the lowest val KL, folds it into the head (captioner/realign.py). Feature caches "
+                                   "of both CNNs are made first where missing. Re-run `captioner calibrate` after: "
+                                   "the caption confidence reads the head's tags.")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory whose CNN blocks were tuned")
+    p.add_argument("--device", default="auto", help="where missing feature caches are computed")
+    _add_config_flags(p, RealignConfig, [f for f in RealignConfig.__dataclass_fields__], REALIGN_HELP)
+
+
+def cmd_realign_head(args) -> int:
+    from captioner.api import resolve_model
+    from captioner.realign import RealignConfig, realign_head
+    directory = resolve_model(args.checkpoint)
+    report = realign_head(args.data_dir, directory, RealignConfig(**_given(args, list(RealignConfig.__dataclass_fields__))),
+                          args.device)
+    (kl0, kl1), (a0, a1) = report["val_kl"], report["val_top1_agreement"]
+    print(f"val KL to the untuned CNN's class probabilities {kl0:.4f} -> {kl1:.4f} (step {report['step']}); "
+          f"top class the untuned CNN's for {a0:.1%} -> {a1:.1%} of {report['val_photos']} val photos")
+    print(f"wrote the re-aligned head into {directory}; re-run `captioner calibrate` for its caption confidence")
+    return 0
+
+
 COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, cmd_features),
             "train": (_add_train, cmd_train), "caption": (_add_caption, cmd_caption),
             "evaluate": (_add_evaluate, cmd_evaluate), "gradflow": (_add_gradflow, cmd_gradflow),
@@ -688,7 +721,7 @@ COMMANDS = {"prepare": (_add_prepare, cmd_prepare), "features": (_add_features, 
             "calibrate": (_add_calibrate, cmd_calibrate), "explain": (_add_explain, cmd_explain),
             "tune-decoding": (_add_tune_decoding, cmd_tune_decoding),
             "consensus-index": (_add_consensus_index, cmd_consensus_index),
-            "matching": (_add_matching, cmd_matching)}
+            "matching": (_add_matching, cmd_matching), "realign-head": (_add_realign_head, cmd_realign_head)}
 
 
 def build_parser() -> argparse.ArgumentParser:
