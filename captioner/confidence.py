@@ -279,8 +279,22 @@ def save_calibration(calibration: Calibration, directory: Path) -> Path:
 
 
 def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> None:
+    """Draw ``reliability_figure`` into ``out`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = reliability_figure(curves, bins)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def reliability_figure(curves: dict[str, list[dict]], bins: int):
     """Reliability diagram: per split and setting, fraction good against mean confidence in each bin, the
-    diagonal (perfect calibration), and below it how many captions fall into each bin."""
+    diagonal (perfect calibration), and below it how many captions fall into each bin. Legend entries are
+    wrapped: a decoding's description runs past 150 characters, and one unwrapped line squeezed the plot into a
+    sliver of the figure."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -296,13 +310,12 @@ def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> Non
             name = f"{split}, {DecodeConfig(**c['setting']).describe()}"
             ece = expected_calibration_error(conf, good, bins)
             top.plot([conf[which == b].mean() for b in used], [good[which == b].mean() for b in used], marker="o",
-                     linestyle="-" if split == next(iter(curves)) else "--", label=f"{name} (ECE {ece:.3f})")
+                     linestyle="-" if split == next(iter(curves)) else "--",
+                     label=textwrap.fill(f"{name} (ECE {ece:.3f})", 70))
             bottom.stairs(np.bincount(which, minlength=bins), edges, label=name)
     top.set(ylabel="fraction of captions that are good", xlim=(0, 1), ylim=(0, 1),
             title="Caption confidence: reliability diagram")
     top.legend(fontsize=8, loc="lower right")
     bottom.set(xlabel="confidence (bin)", ylabel="captions")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return fig

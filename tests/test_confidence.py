@@ -194,3 +194,21 @@ def test_export_keeps_one_models_calibration_and_gives_an_ensemble_none(bundled_
     shutil.copyfile(bundled_copy / CALIBRATION, member / CALIBRATION)
     assert main(["export", str(member), str(best), "--out", str(tmp_path / "ensemble")]) == 0
     assert not (tmp_path / "ensemble" / CALIBRATION).exists()
+
+
+def test_reliability_diagram_keeps_its_plot_wide_with_a_long_decoding_name(tmp_path):
+    """The bundled decoding's description is over 150 characters; as one legend line it squeezed the plot into a
+    sliver of the figure (docs/reliability.png until 2026-11-29)."""
+    import matplotlib.pyplot as plt
+    from captioner.confidence import plot_reliability, reliability_figure
+    setting = {"strategy": "beam", "beam_size": 5, "length_penalty": 1.0, "guide": True, "match_weight": 4.0,
+               "specificity_levels": (0.0, 0.15, 0.3, 0.45, 0.6), "specificity_cost": 0.15}
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0, 1, 300)
+    curves = {split: [{"confidence": conf, "good": (rng.uniform(0, 1, 300) < conf).astype(float), "setting": setting}]
+              for split in ("val", "test")}
+    fig = reliability_figure(curves, 10)
+    assert fig.axes[0].get_position().width > 0.6  # of the figure's width
+    plt.close(fig)
+    plot_reliability(curves, 10, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000

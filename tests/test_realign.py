@@ -84,6 +84,11 @@ def test_realign_head_writes_only_the_head_and_a_record(data_dir, tmp_path, caps
                  "--lr", "1e-2", "--device", "cpu"]) == 0
     again = load_file(str(directory / "model.safetensors"))
     assert all(torch.equal(after[k], again[k]) for k in after)
+    assert main(["export", str(directory), "--out", str(tmp_path / "shipped")]) == 0  # what ships keeps head and record
+    shipped = load_file(str(tmp_path / "shipped" / "model.safetensors"))
+    torch.testing.assert_close(shipped["encoder.head.weight"].float(), after["encoder.head.weight"].float(),
+                               rtol=1e-3, atol=1e-3)  # float16 storage
+    assert "head_realigned" in json.loads((tmp_path / "shipped" / "config.json").read_text())["encoder"]["provenance"]
 
 
 def test_a_model_whose_cnn_was_not_tuned_is_refused(data_dir, model, capsys):
