@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import load_checkpoint, replace_encoder_tensors
+from .encoder import build_encoder
 from .errors import ConfigError, EncoderError
+from .manifest import load_manifest, split_records
+from .views import model_features, untuned
 
 
 @dataclass
@@ -106,11 +110,6 @@ def realign_head(data_dir: Path, directory: Path, config: RealignConfig, device:
     config, each replaced atomically); return the report recorded in the config's encoder provenance.
     Needs the training and val photos' features by the tuned CNN and by the untuned one (the base weights,
     hash-checked): feature caches, made first where missing."""
-    from .checkpoint import load_checkpoint, replace_encoder_tensors
-    from .encoder import build_encoder
-    from .manifest import load_manifest, split_records
-    from .views import model_features, untuned
-
     loaded = load_checkpoint(directory, calibrated=False, matching=False)
     encoder_config = loaded.config.encoder
     if "tuned" not in encoder_config.provenance:
