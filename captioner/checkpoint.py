@@ -31,6 +31,7 @@ from .consensus import ConsensusIndex, read_index
 from .matching import CONFIG as MATCHING_CONFIG
 from .matching import TENSORS as MATCHING_TENSORS
 from .matching import Matcher, read_matcher
+from .sidecar import write_tensors_atomic
 from .tuning import DECODING, read_decoding, without_consensus
 from .vocab import Vocab
 
@@ -121,11 +122,8 @@ def replace_encoder_tensors(directory: Path, tensors: dict[str, torch.Tensor], p
     for key, value in tensors.items():
         if key not in stored or stored[key].shape != value.shape:
             raise CheckpointError(f"{directory / MODEL}: no tensor {key} of shape {tuple(value.shape)} to replace")
-        stored[key] = value.detach().to("cpu", stored[key].dtype).contiguous()
-    tmp = directory / f".{MODEL}.tmp"
-    save_file(stored, str(tmp), metadata={"format": FORMAT})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, directory / MODEL)
+        stored[key] = value.to(stored[key].dtype)
+    write_tensors_atomic(directory / MODEL, stored, {"format": FORMAT})
     config = _read_json(directory / CONFIG)
     config["encoder"]["provenance"] = {**config["encoder"].get("provenance", {}), **provenance}
     write_json_atomic(directory / CONFIG, config)

@@ -280,9 +280,9 @@ def save_calibration(calibration: Calibration, directory: Path) -> Path:
 
 def plot_reliability(curves: dict[str, list[dict]], bins: int, out: Path) -> None:
     """Draw ``reliability_figure`` into ``out`` (PNG)."""
+    fig = reliability_figure(curves, bins)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = reliability_figure(curves, bins)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -127,9 +127,10 @@ def realign_head(data_dir: Path, directory: Path, config: RealignConfig, device:
     name, teacher_linear = last_linear(base.head)
     tuned_train, tuned_val = model_features(data_dir, encoder_config, loaded.encoder, 0, train, val, device)
     base_train, base_val = model_features(data_dir, base_config, base, 0, train, val, device)
-    with torch.no_grad():
-        teacher = torch.softmax(base.head.float()(base_train[:, 0].float()), -1)
-        val_teacher = torch.softmax(base.head.float()(base_val.float()), -1)
+    teacher_linear = teacher_linear.float()
+    with torch.no_grad():  # the head in eval mode is its last Linear (MobileNet's dropout before it is off)
+        teacher = torch.softmax(teacher_linear(base_train[:, 0].float()), -1)
+        val_teacher = torch.softmax(teacher_linear(base_val.float()), -1)
     scale, shift, report = fit_channel_affine(teacher_linear, tuned_train[:, 0].float(), teacher, tuned_val.float(),
                                               val_teacher, config)
     folded = fold(teacher_linear, scale, shift)

@@ -17,15 +17,20 @@ from safetensors.torch import load_file, save_file
 from .encoder import sha256_of
 
 
+def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written to a temporary name and renamed over ``path``: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a checkpoint is shared and shipped like model.safetensors
+    os.replace(tmp, path)
+
+
 def write_pair(directory: Path, tensors_name: str, json_name: str, tensors: dict[str, torch.Tensor],
                data: dict) -> Path:
     """Write ``tensors``, then ``data`` with the tensor file's SHA-256 added."""
     from .manifest import write_json_atomic
     directory = Path(directory)
-    tmp = directory / f".{tensors_name}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a checkpoint is shared and shipped like model.safetensors
-    os.replace(tmp, directory / tensors_name)
+    write_tensors_atomic(directory / tensors_name, tensors)
     write_json_atomic(directory / json_name, {**data, "sha256": sha256_of(directory / tensors_name)})
     return directory / json_name
 
