@@ -55,7 +55,7 @@ def example_images() -> list[str]:
 def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, temperature: float, top_p: float,
                    beam_size: float, num_return: float, guide: bool = False,
                    url: str | None = None, specificity: float | None = None,
-                   by_fit: bool | None = None) -> tuple[str, list[list], dict]:
+                   by_fit: bool | None = None, neutral: bool = False) -> tuple[str, list[list], dict]:
     """One request: the best caption, the n-best table and what the CNN recognises (caption word ->
     probability, for ``gr.Label``); bad input becomes a ``gr.Error`` shown in the UI.
 
@@ -69,7 +69,8 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
     a URL is refused, never opened as a path on the server. ``specificity`` (beam only; None: the model's
     recommended one) favours rarer words (``DecodeConfig.specificity``); ``by_fit`` (beam with a matching model)
     instead chooses it per photo among ``fit_levels(captioner)`` (``DecodeConfig.specificity_levels``), and
-    None leaves that to the model's recommendation.
+    None leaves that to the model's recommendation. ``neutral`` keeps words that state a person's gender out of the
+    captions (``DecodeConfig.neutral``).
     """
     source = upload["path"] if upload is not None else (url or "").strip()
     if not source:
@@ -87,7 +88,7 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count,
                                          guide=bool(guide) and strategy == "beam" and captioner.can_tag,
-                                         **specificity_options(captioner, strategy, specificity, by_fit))
+                                         neutral=bool(neutral), **specificity_options(captioner, strategy, specificity, by_fit))
         features = captioner.features([source], fetch=PUBLIC_URLS)
         nbest = captioner.generate(features, config)[0]
         tags = captioner.tagger.tags(features, threshold=0.05)[0] if captioner.can_tag else []
@@ -219,6 +220,9 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                                         info="beam only: the caption must use the word of an object the CNN's "
                                              "ImageNet classifier is sure of (constrained beam search; "
                                              "models without the classifier ignore it)")
+                    neutral = gr.Checkbox(value=False, label="Gender-neutral words", elem_id="neutral",
+                                          info="never guess a person's gender: 'a person', 'a child', 'two people' "
+                                               "instead of man, woman, boy, girl, his, her")
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column(scale=2):
                     caption = gr.Textbox(label="Best caption", elem_id="caption", interactive=False)
@@ -236,7 +240,7 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                           api_name=False)
             button.click(functools.partial(caption_upload, captioner),
                          inputs=[image, strategy, temperature, top_p, beam_size, num_return, guide, image_url,
-                                 specificity, by_fit],
+                                 specificity, by_fit, neutral],
                          outputs=[caption, nbest, tags], api_name="caption", preprocess=False)
         with gr.Tab("Explain"):
             gr.Markdown("Which pixels made the model say each word: click a word of the caption to see its "

@@ -33,7 +33,7 @@ from .images import ImageSource, load_image
 from .model import RUNTIMES, CaptionDecoder, EnsembleDecoder, build_decoder
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 from .tokenizer import detokenize
-from .vocab import Vocab
+from .vocab import GENDERED_WORDS, Vocab
 
 BUNDLED = "flickr8k-mobilenet_v2-lstm"
 MODELS = {"fast": BUNDLED}  # names for ``from_pretrained``, ``--checkpoint`` and the app's picker
@@ -179,14 +179,14 @@ class Captioner:
     def _greedy(self, features: torch.Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
         """Greedy decoding from one CUDA graph per setting of what it records (``decoding.greedy_static``)."""
         recorded = DecodeConfig(max_len=config.max_len, suppress_unk=config.suppress_unk,
-                                no_repeat_ngram=config.no_repeat_ngram)
-        specials = self.vocab.specials
+                                no_repeat_ngram=config.no_repeat_ngram, neutral=config.neutral)
+        specials, banned = self.vocab.specials, self.gendered if config.neutral else None
 
         def run(feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with autocast(self.precision, self.device, cache=False):
-                return greedy_static(self.decoder, feats, recorded, specials)
+                return greedy_static(self.decoder, feats, recorded, specials, banned)
 
-        key = ("greedy", recorded.max_len, recorded.suppress_unk, recorded.no_repeat_ngram)
+        key = ("greedy", recorded.max_len, recorded.suppress_unk, recorded.no_repeat_ngram, recorded.neutral)
         return finish_static(*self._graph(key, run, DECODER_GRAPH_ROWS)(features), config, specials)
 
     @property
@@ -221,8 +221,9 @@ class Captioner:
         else:
             search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
             rarity = self.rarity if config.specificity or config.specificity_levels else None
+            banned = self.gendered if config.neutral else None
             with autocast(self.precision, self.device):
-                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity)
+                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity, banned)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
             nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)
@@ -250,6 +251,11 @@ class Captioner:
         found = [[asdict(t) for t in per] for per in self.tagger.tags(self.features([images] if single else images),
                                                                        threshold, top)]
         return found[0] if single else found
+
+    @functools.cached_property
+    def gendered(self) -> torch.Tensor:
+        """Ids of the vocabulary's ``GENDERED_WORDS`` on the model's device, which ``neutral`` decoding bans."""
+        return torch.tensor(self.vocab.ids(GENDERED_WORDS), dtype=torch.long, device=self.device)
 
     @functools.cached_property
     def rarity(self) -> torch.Tensor:

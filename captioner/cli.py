@@ -220,7 +220,7 @@ def cmd_train(args) -> int:
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
                 "no_repeat_ngram", "seed", "guide", "guide_threshold", "consensus",
                 "consensus_weight", "match_weight", "specificity", "specificity_levels",
-                "specificity_cost")  # DecodeConfig fields given as flags
+                "specificity_cost", "neutral")  # DecodeConfig fields given as flags
 DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
                            "tune-decoding`), whose settings also fill the beam flags left out",
                "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
@@ -237,7 +237,9 @@ DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its
                "specificity_levels": "beam with the matching model: comma list of specificities decoded at once; each "
                                      "photo keeps the level whose caption matches it best, less --specificity-cost x "
                                      "the level ('' for off)",
-               "specificity_cost": "cosine a caption pays per unit of its --specificity-levels level"}
+               "specificity_cost": "cosine a caption pays per unit of its --specificity-levels level",
+               "neutral": "never use words that state a person's gender (man, woman, boy, girl, his, her, ...): "
+                          "'a person', 'a child', 'two people'"}
 
 
 def _add_decode_args(p) -> None:

@@ -32,6 +32,10 @@ class DecodeConfig:
     top_p: float = 1.0  # 1.0: off
     no_repeat_ngram: int = 0  # 0: off; n: never repeat an n-gram within one caption
     suppress_unk: bool = True
+    # Gender-neutral: never use a word that states a person's gender (``vocab.GENDERED_WORDS``): the decoder then
+    # says "a person", "a child", "two people". Costs some BLEU against references that guess gender (MODEL_CARD
+    # "Limits").
+    neutral: bool = False
     seed: int | None = None
     # Guided decoding (beam only): the caption must name what the encoder's ImageNet head recognises
     # with at least this probability, when the vocabulary has a word for it (``captioner/guidance.py``).
@@ -109,7 +113,7 @@ class DecodeConfig:
             levels = "/".join(f"{s:g}" for s in self.specificity_levels)
             specific = f", specificity by fit ({levels}, cost {self.specificity_cost})"
         return (f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{specific}"
-                f"{consensus}{match}")
+                f"{consensus}{match}{', gender-neutral' if self.neutral else ''}")
 
 
 @dataclass
@@ -125,11 +129,15 @@ def _penalised(logprob: torch.Tensor, length: torch.Tensor, alpha: float) -> tor
     return logprob / length.clamp(min=1).float() ** alpha
 
 
-def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: SpecialIds) -> torch.Tensor:
-    """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, tokens completing a seen n-gram."""
+def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
+         banned: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, the ``banned`` ids (gender-neutral
+    decoding), tokens completing a seen n-gram."""
     logp[:, specials.pad] = logp[:, specials.start] = float("-inf")  # two column fills: no index tensor per step
     if config.suppress_unk:
         logp[:, specials.unk] = float("-inf")
+    if banned is not None:
+        logp[:, banned] = float("-inf")
     n = config.no_repeat_ngram
     if n and history.shape[1] >= n:
         windows = history.unfold(1, n, 1)  # (N, W, n)
@@ -175,7 +183,7 @@ def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) ->
 @torch.no_grad()
 def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
            specials: SpecialIds = SpecialIds(), constraints: list[list[int]] | None = None,
-           rarity: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+           rarity: torch.Tensor | None = None, banned: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """(B, D) features -> for each image, ``num_return`` hypotheses best first.
 
     ``specials``: the vocabulary's special token ids (``vocab.specials``; every vocabulary has the default ones).
@@ -186,20 +194,26 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     ``rarity``: (V,) ``Vocab.rarity`` on the decoder's device; needed when ``config.specificity`` or
     ``config.specificity_levels`` is set.
 
+    ``banned``: token ids on the decoder's device that never appear (``Vocab.ids(GENDERED_WORDS)``); needed when
+    ``config.neutral`` is set.
+
     With ``config.specificity_levels`` the beam runs at every level at once and the answer has one row per
     (level, image), level-major: ``len(levels) * B`` rows (``Captioner.generate`` picks each image's level).
     """
     if (config.specificity or config.specificity_levels) and rarity is None:
         raise ConfigError("specificity needs the vocabulary's word rarity (Vocab.rarity)")
+    if config.neutral and banned is None:
+        raise ConfigError("gender-neutral decoding needs the vocabulary's gendered word ids (Vocab.ids)")
+    banned = banned if config.neutral else None
     if config.strategy != "beam":
-        return _sample(decoder, features, config, specials)
+        return _sample(decoder, features, config, specials, banned)
     if not config.specificity_levels:
         bonus = None if not config.specificity else config.specificity * rarity[None]
-        return _beam(decoder, features, config, specials, constraints, bonus)
+        return _beam(decoder, features, config, specials, constraints, bonus, banned)
     levels = torch.tensor(config.specificity_levels, device=features.device, dtype=rarity.dtype)
     n = len(levels)
     return _beam(decoder, features.repeat(n, 1), config, specials, None if constraints is None else constraints * n,
-                 levels.repeat_interleave(features.shape[0])[:, None] * rarity[None])
+                 levels.repeat_interleave(features.shape[0])[:, None] * rarity[None], banned)
 
 
 def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,
@@ -216,7 +230,7 @@ def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,
 
 
 def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
-            specials: SpecialIds) -> list[list[Hypothesis]]:
+            specials: SpecialIds, banned: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Greedy (argmax) or ancestral sampling; ``num_return`` independent samples per image."""
     b, r = features.shape[0], config.num_return
     device = features.device
@@ -233,7 +247,7 @@ def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfi
         generator = torch.Generator(device=device).manual_seed(config.seed)
     for _ in range(config.max_len):
         logp, state = _step_unfinished(decoder, prev, state, finished)
-        logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
+        logp = _freeze_finished(_ban(logp, history, config, specials, banned), finished, specials.pad)
         if config.strategy == "greedy":
             nxt = logp.argmax(-1)
         else:
@@ -251,8 +265,8 @@ def _sample(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfi
     return [sorted(g, key=lambda h: -h.score) for g in groups]
 
 
-def greedy_static(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
-                  specials: SpecialIds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def greedy_static(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
+                  banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy decoding with static shapes and no host synchronisation, so that it can be recorded as one CUDA
     graph (``captioner/graphs.py``): every row runs every one of the ``max_len`` steps on the whole batch.
     The answers are ``_sample``'s: a finished row may only continue with ``<pad>`` at no cost, so the extra
@@ -270,7 +284,7 @@ def greedy_static(decoder: CaptionDecoder, features: torch.Tensor, config: Decod
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(config.max_len):
         logp, state = _step(decoder, prev, state)
-        logp = _freeze(_ban(logp, history[:, :t], config, specials), finished, specials.pad)
+        logp = _freeze(_ban(logp, history[:, :t], config, specials, banned), finished, specials.pad)
         nxt = logp.argmax(-1)
         logprob += logp.gather(1, nxt[:, None])[:, 0]
         length += (~finished).long()
@@ -302,7 +316,8 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
 
 
 def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
-          constraints: list[list[int]] | None = None, bonus: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+          constraints: list[list[int]] | None = None, bonus: torch.Tensor | None = None,
+          banned: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step.
 
     With a ``bonus`` ((1, V) for all images or (B, V) per image: specificity x the words' rarity) the ranking sum
@@ -332,7 +347,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     rank = logprob
     for _ in range(config.max_len):
         logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*g*k, V)
-        logp = _freeze_finished(_ban(logp, history, config, specials), finished, specials.pad)
+        logp = _freeze_finished(_ban(logp, history, config, specials, banned), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
         cand_rank = cand if bonus is None else rank[..., None] + (logp.view(b, g, k, v)

@@ -10,7 +10,10 @@ import gradio as gr
 import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
+import torch
 from PIL import Image
+
+from captioner.tokenizer import tokenize
 
 from app_fixtures import BEAM3, ROOT, app_server, bad_image, client, good_image, load_app  # noqa: F401 (fixtures)
 
@@ -42,6 +45,18 @@ def test_specific_caption_through_the_app_equals_the_api(app_server, good_image)
     nbest = app_server.captioner.caption(str(good_image), strategy="beam", beam_size=3, num_return=3,
                                          specificity=0.8)
     assert best == nbest[0]["caption"] and [r[-1] for r in table["data"]] == [c["score"] for c in nbest]
+
+
+def test_gender_neutral_box_reaches_the_decoder(app_server, good_image, monkeypatch) -> None:
+    """The "Gender-neutral words" box is the event's last input. The test model's shape words state no gender,
+    so its best caption's own words stand in for the gendered ones: the neutral caption must avoid them."""
+    cap = app_server.captioner
+    plain = cap.caption(str(good_image), strategy="beam", beam_size=3, specificity=0.0)
+    monkeypatch.setitem(cap.__dict__, "gendered", torch.tensor(cap.vocab.ids(tokenize(plain)[1:2])))
+    best, _, _ = client(app_server.url).predict(handle_file(str(good_image)), *BEAM3, False, "", 0.0, False, True,
+                                                api_name="/caption")
+    assert best == cap.caption(str(good_image), strategy="beam", beam_size=3, specificity=0.0, neutral=True)
+    assert best != plain
 
 
 def test_bad_upload_is_a_clear_error_and_the_server_keeps_serving(app_server, bad_image, good_image) -> None:

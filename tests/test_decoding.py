@@ -7,6 +7,7 @@ import torch
 
 from captioner.config import ModelConfig
 from captioner.decoding import DecodeConfig, decode
+from captioner.errors import ConfigError
 from captioner.vocab import SpecialIds
 
 from decoder_fixtures import decoder, feats, model_logprob  # noqa: F401 (fixtures)
@@ -151,3 +152,28 @@ def test_ensemble_of_identical_members_decodes_like_the_single_model(decoder, fe
     single, double = decode(decoder, feats, options), decode(ensemble, feats, options)
     assert [[h.tokens for h in x] for x in single] == [[h.tokens for h in x] for x in double]
     assert [h.logprob for x in single for h in x] == pytest.approx([h.logprob for x in double for h in x], abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(strategy="greedy"), dict(strategy="sample", num_return=3, seed=0),
+                                     dict(strategy="beam", beam_size=4, num_return=2),
+                                     dict(strategy="beam", beam_size=3, specificity_levels=(0.0, 0.5))])
+def test_neutral_never_uses_banned_words(decoder, feats, options):
+    """Gender-neutral decoding: the ids given as ``banned`` (the vocabulary's gendered words) never appear, in every
+    strategy, and the captions are still whole (each one ends). The banned ids are the words the plain decoding
+    uses most, so the test fails if the ban is not applied."""
+    rarity = torch.linspace(0, 3, decoder.config.vocab_size)
+    plain = decode(decoder, feats, DecodeConfig(max_len=12, **options), rarity=rarity)
+    used = torch.bincount(torch.tensor([t for hyps in plain for h in hyps for t in h.tokens]))
+    banned = used.topk(3).indices
+    assert sum(int(used[i]) for i in banned) > 0
+    neutral = decode(decoder, feats, DecodeConfig(max_len=12, neutral=True, **options), rarity=rarity, banned=banned)
+    assert len(neutral) == len(plain)
+    for hyps in neutral:
+        for h in hyps:
+            assert not set(h.tokens) & set(banned.tolist())
+            assert h.logprob > float("-inf")
+    # the ids only act with neutral set; neutral without them is an error, not a silent no-op
+    again = decode(decoder, feats, DecodeConfig(max_len=12, **options), rarity=rarity, banned=banned)
+    assert [[h.tokens for h in x] for x in again] == [[h.tokens for h in x] for x in plain]
+    with pytest.raises(ConfigError, match="gender-neutral"):
+        decode(decoder, feats, DecodeConfig(max_len=12, neutral=True, **options), rarity=rarity)
