@@ -61,3 +61,22 @@ def test_cross_encoder_ensemble_feeds_each_member_its_own_cnns_features():
     assert torch.allclose(logp.exp(), (each[0].exp() + each[1].exp()) / 2, atol=1e-6)
     hyps = decode(mixed, torch.cat([fa, fb], dim=1), DecodeConfig(strategy="beam", beam_size=3, max_len=8))
     assert len(hyps) == 3
+
+
+def test_gender_words_counts_the_misgendered_against_agreeing_references():
+    """``benchmarks/gender_words.py`` (behind MODEL_CARD's gender numbers): a photo joins a group only when >= 3
+    references agree and none disagrees; a caption is wrong only with the other gender's words and none of its own."""
+    spec = importlib.util.spec_from_file_location("gender_words", REPO / "benchmarks" / "gender_words.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    woman = ["A woman runs .", "a woman in red", "The lady smiles .", "a person", "someone runs"]
+    rows = [{"caption": "a man is running", "references": woman},  # female photo called male
+            {"caption": "a man and a woman", "references": woman},  # both words: not wrong
+            {"caption": "a person is running", "references": woman},
+            {"caption": "a man is running", "references": woman[:2] + ["a man runs", "x", "y"]},  # no agreement
+            {"caption": "a girl is running", "references": ["a boy runs", "the boy", "a boy", "a child", "kid"]}]
+    counts = module.count(rows)
+    assert counts["female"] == {"photos": 3, "says female": 1, "says male": 2, "says person": 1, "says child": 0,
+                                "says young": 0, "wrong gender": 1}
+    assert counts["male"]["photos"] == 1 and counts["male"]["wrong gender"] == 1
+    assert counts["young"]["photos"] == 1 and counts["young"]["says young"] == 1
