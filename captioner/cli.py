@@ -534,11 +534,12 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "guide", "consensus", "consensus_weights",
+TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "no_repeat_ngrams", "guide", "consensus", "consensus_weights",
               "match_weights", "specificities", "specificity_levels", "specificity_costs", "cider_tie",
               "batch_size")  # TuneConfig fields given as flags
 TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes": "comma list of beam widths",
              "length_penalties": "comma list of alphas in logprob / len**alpha",
+             "no_repeat_ngrams": "comma list of n-gram sizes never to repeat within a caption (0: allowed)",
              "guide": "guide every setting (needs the encoder's ImageNet head)", "batch_size": "images decoded at once",
              "consensus": "with a consensus index: comma list of neighbour counts to rerank each setting with "
                           "('' for none)",
@@ -574,6 +575,7 @@ def _add_tune_decoding(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the grid and the choice, write nothing")
     _add_config_flags(p, TuneConfig, TUNE_FLAGS, TUNE_HELP,
                       types={"beam_sizes": _numbers(int), "length_penalties": _numbers(float),
+                             "no_repeat_ngrams": _numbers(int),
                              "consensus": _numbers(int), "consensus_weights": _numbers(float),
                              "match_weights": _numbers(float), "specificities": _numbers(float),
                              "specificity_levels": _numbers(float), "specificity_costs": _numbers(float)})
@@ -586,12 +588,12 @@ def cmd_tune_decoding(args) -> int:
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
     result = tune_decoding(captioner, args.data_dir, config)
-    print(f"{'beam':>4} {'alpha':>5} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
+    print(f"{'beam':>4} {'alpha':>5} {'norep':>5} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:
         rerank = (f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row
                   else f"match {row['match_weight']}" if "match_weight" in row else "-")
         spec = f"fit {row['specificity_cost']}" if "specificity_levels" in row else row.get("specificity", 0)
-        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {spec:>8} {rerank:>12} | {row['bleu4'] * 100:6.2f} "
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {row.get('no_repeat_ngram', 0):>5} {spec:>8} {rerank:>12} | {row['bleu4'] * 100:6.2f} "
               f"{row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
     print(f"chosen ({result['rule']}): {result['defaults']}")
     if not args.dry_run:

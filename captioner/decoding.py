@@ -112,8 +112,9 @@ class DecodeConfig:
         if self.specificity_levels:
             levels = "/".join(f"{s:g}" for s in self.specificity_levels)
             specific = f", specificity by fit ({levels}, cost {self.specificity_cost})"
+        norepeat = f", no repeated {self.no_repeat_ngram}-grams" if self.no_repeat_ngram else ""
         return (f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{specific}"
-                f"{consensus}{match}{', gender-neutral' if self.neutral else ''}")
+                f"{consensus}{match}{norepeat}{', gender-neutral' if self.neutral else ''}")
 
 
 @dataclass

@@ -45,6 +45,10 @@ class TuneConfig:
     split: str = "val"
     beam_sizes: tuple[int, ...] = (3, 5)
     length_penalties: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
+    # Every beam setting also decoded never repeating an n-gram of each of these sizes (``DecodeConfig.no_repeat_ngram``;
+    # 0: allowed): an LSTM decoder sometimes says a thing twice ("a man in a black shirt is looking at a man in a
+    # black shirt"), which the training captions almost never do. Each value is a decoding pass of its own.
+    no_repeat_ngrams: tuple[int, ...] = (0,)
     guide: bool = False  # every setting guided (the app's default); needs the encoder's ImageNet head
     # With a consensus index beside the checkpoint (``captioner consensus-index``), every beam setting is also
     # measured reranked by each number of neighbours x weight (``captioner/consensus.py``); () skips them.
@@ -77,6 +81,10 @@ class TuneConfig:
             DecodeConfig(strategy="beam", beam_size=beam)  # same checks as decoding itself
         if any(a < 0 for a in self.length_penalties):
             raise ConfigError(f"length penalties must be >= 0, got {self.length_penalties}")
+        if not self.no_repeat_ngrams:
+            raise ConfigError("the grid needs at least one no-repeat n-gram size (0 for none)")
+        for n in self.no_repeat_ngrams:
+            DecodeConfig(strategy="beam", no_repeat_ngram=n)
         for k in self.consensus:
             for weight in self.consensus_weights:
                 DecodeConfig(strategy="beam", consensus=k, consensus_weight=weight)
@@ -120,8 +128,9 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
 
     levels = config.specificity_levels if matched else ()
     decoded = [*config.specificities, *(s for s in levels if s not in config.specificities)]
-    for beam, alpha in itertools.product(config.beam_sizes, config.length_penalties):
-        base = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide}
+    for beam, alpha, norepeat in itertools.product(config.beam_sizes, config.length_penalties, config.no_repeat_ngrams):
+        base = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide,
+                **({"no_repeat_ngram": norepeat} if norepeat else {})}
         by_level = {}  # (match weight, specificity) -> the reranked n-best
         for specificity in decoded:
             setting = {**base, "specificity": specificity} if specificity else base

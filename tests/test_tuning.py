@@ -53,6 +53,24 @@ def test_tune_decoding_measures_every_setting_as_evaluate_does_and_picks_by_its_
         assert measured["decoding"]["length_penalty"] == row["length_penalty"]
 
 
+def test_no_repeat_ngram_sizes_are_a_grid_dimension_measured_as_evaluate_does(model, data_dir, capsys):
+    assert main(["tune-decoding", str(data_dir), "--checkpoint", str(model), "--device", "cpu", "--beam-sizes", "3",
+                 "--length-penalties", "0", "--no-repeat-ngrams", "0,1", "--specificities", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if line.strip().startswith("3 ")]
+    assert [row[2] for row in table] == ["0", "1"]  # the norep column: one row per size
+    measured = model.parent / "norep.json"
+    assert main(["evaluate", str(data_dir), "--split", "val", "--checkpoint", str(model), "--from-cache", "--device",
+                 "cpu", "--strategy", "beam", "--beam-size", "3", "--no-repeat-ngram", "1", "--no-guide",
+                 "-o", str(measured)]) == 0
+    metrics = json.loads(measured.read_text())
+    assert f"{metrics['Bleu_4'] * 100:6.2f}".strip() == table[1][6]  # the row's BLEU-4 is evaluate's
+    assert metrics["decoding"]["no_repeat_ngram"] == 1
+    assert not (model / DECODING).exists()  # a dry run writes nothing
+    with pytest.raises(ConfigError):
+        TuneConfig(no_repeat_ngrams=())
+
+
 def test_the_recommended_decoding_is_every_entry_points_default(model, data_dir, capsys, tmp_path):
     recommend(model, {"strategy": "beam", "beam_size": 4, "length_penalty": 1.5})
     cap = Captioner.from_pretrained(model, device="cpu")
@@ -128,7 +146,7 @@ def test_the_bundled_models_decoding_was_chosen_on_val_by_its_rule():
     best = max(r["cider_d"] for r in eligible)
     tie = result["grid"].get("cider_tie", 0.0)
     chosen = max((r for r in eligible if r["cider_d"] >= best - tie), key=lambda r: (r["distinct_words"], r["cider_d"]))
-    for option in ("beam_size", "length_penalty", "match_weight", "specificity"):
+    for option in ("beam_size", "length_penalty", "no_repeat_ngram", "match_weight", "specificity"):
         assert result["defaults"].get(option) == chosen.get(option)
     assert Captioner.from_pretrained(device="cpu").decode_config().to_json() == {
         **Captioner.from_pretrained(device="cpu").decode_config(strategy="greedy").to_json(), **result["defaults"]}
