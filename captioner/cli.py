@@ -588,13 +588,15 @@ def cmd_tune_decoding(args) -> int:
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
     result = tune_decoding(captioner, args.data_dir, config)
-    print(f"{'beam':>4} {'alpha':>5} {'norep':>5} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
+    print(f"{'beam':>4} {'alpha':>5} {'norep':>5} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} "
+          f"{'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:
         rerank = (f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row
                   else f"match {row['match_weight']}" if "match_weight" in row else "-")
         spec = f"fit {row['specificity_cost']}" if "specificity_levels" in row else row.get("specificity", 0)
-        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {row.get('no_repeat_ngram', 0):>5} {spec:>8} {rerank:>12} | {row['bleu4'] * 100:6.2f} "
-              f"{row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | {row['distinct_words']:>5}  {row['mean_words']:.2f}")
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {row.get('no_repeat_ngram', 0):>5} {spec:>8} "
+              f"{rerank:>12} | {row['bleu4'] * 100:6.2f} {row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | "
+              f"{row['distinct_words']:>5}  {row['mean_words']:.2f}")
     print(f"chosen ({result['rule']}): {result['defaults']}")
     if not args.dry_run:
         print(f"wrote {save_decoding(result, directory)}")
