@@ -14,8 +14,9 @@ from captioner.errors import VocabError
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 # Words that state a person's gender, which gender-neutral decoding never uses (``DecodeConfig.neutral``). Why a
-# list: a caption's "woman" or "man" is the model's guess from how a person looks, wrong for 22 % of the val photos
-# whose references agree the subject is female (MODEL_CARD "Limits"); "person", "child", "people" say what is seen.
+# list: a caption's "woman" or "man" is the model's guess from how a person looks, wrong for about a fifth of the val
+# photos whose references agree the subject is female (MODEL_CARD "Limits"); "person", "child", "people" say what is
+# seen.
 GENDERED_WORDS = frozenset((
     "man men mans woman women womans boy boys girl girls lady ladies guy guys gentleman gentlemen "
     "he she his her hers him himself herself male males female females "
