@@ -88,7 +88,8 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count,
                                          guide=bool(guide) and strategy == "beam" and captioner.can_tag,
-                                         neutral=bool(neutral), **specificity_options(captioner, strategy, specificity, by_fit))
+                                         neutral=bool(neutral),
+                                         **specificity_options(captioner, strategy, specificity, by_fit))
         features = captioner.features([source], fetch=PUBLIC_URLS)
         nbest = captioner.generate(features, config)[0]
         tags = captioner.tagger.tags(features, threshold=0.05)[0] if captioner.can_tag else []

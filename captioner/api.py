@@ -180,7 +180,7 @@ class Captioner:
         """Greedy decoding from one CUDA graph per setting of what it records (``decoding.greedy_static``)."""
         recorded = DecodeConfig(max_len=config.max_len, suppress_unk=config.suppress_unk,
                                 no_repeat_ngram=config.no_repeat_ngram, neutral=config.neutral)
-        specials, banned = self.vocab.specials, self.gendered if config.neutral else None
+        specials, banned = self.vocab.specials, self.gendered
 
         def run(feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with autocast(self.precision, self.device, cache=False):
@@ -221,9 +221,8 @@ class Captioner:
         else:
             search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
             rarity = self.rarity if config.specificity or config.specificity_levels else None
-            banned = self.gendered if config.neutral else None
             with autocast(self.precision, self.device):
-                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity, banned)
+                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity, self.gendered)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
             nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)
@@ -254,7 +253,8 @@ class Captioner:
 
     @functools.cached_property
     def gendered(self) -> torch.Tensor:
-        """Ids of the vocabulary's ``GENDERED_WORDS`` on the model's device, which ``neutral`` decoding bans."""
+        """Ids of the vocabulary's ``GENDERED_WORDS`` on the model's device, which ``neutral`` decoding bans (decoding
+        reads them only then)."""
         return torch.tensor(self.vocab.ids(GENDERED_WORDS), dtype=torch.long, device=self.device)
 
     @functools.cached_property

@@ -132,12 +132,12 @@ def _penalised(logprob: torch.Tensor, length: torch.Tensor, alpha: float) -> tor
 
 def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
          banned: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, the ``banned`` ids (gender-neutral
-    decoding), tokens completing a seen n-gram."""
+    """Mask (N, V) log-probs: <pad>/<start> always, <unk> if suppressed, the ``banned`` ids if ``config.neutral``,
+    tokens completing a seen n-gram."""
     logp[:, specials.pad] = logp[:, specials.start] = float("-inf")  # two column fills: no index tensor per step
     if config.suppress_unk:
         logp[:, specials.unk] = float("-inf")
-    if banned is not None:
+    if config.neutral:
         logp[:, banned] = float("-inf")
     n = config.no_repeat_ngram
     if n and history.shape[1] >= n:
@@ -147,6 +147,11 @@ def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specia
         hits = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype))
         logp = logp.masked_fill(hits > 0, float("-inf"))
     return logp
+
+
+def _need_banned(config: DecodeConfig, banned: torch.Tensor | None) -> None:
+    if config.neutral and banned is None:
+        raise ConfigError("gender-neutral decoding needs the vocabulary's gendered word ids (Vocab.ids)")
 
 
 def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -195,17 +200,15 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     ``rarity``: (V,) ``Vocab.rarity`` on the decoder's device; needed when ``config.specificity`` or
     ``config.specificity_levels`` is set.
 
-    ``banned``: token ids on the decoder's device that never appear (``Vocab.ids(GENDERED_WORDS)``); needed when
-    ``config.neutral`` is set.
+    ``banned``: token ids on the decoder's device that never appear when ``config.neutral`` is set
+    (``Vocab.ids(GENDERED_WORDS)``); needed then, ignored otherwise.
 
     With ``config.specificity_levels`` the beam runs at every level at once and the answer has one row per
     (level, image), level-major: ``len(levels) * B`` rows (``Captioner.generate`` picks each image's level).
     """
     if (config.specificity or config.specificity_levels) and rarity is None:
         raise ConfigError("specificity needs the vocabulary's word rarity (Vocab.rarity)")
-    if config.neutral and banned is None:
-        raise ConfigError("gender-neutral decoding needs the vocabulary's gendered word ids (Vocab.ids)")
-    banned = banned if config.neutral else None
+    _need_banned(config, banned)
     if config.strategy != "beam":
         return _sample(decoder, features, config, specials, banned)
     if not config.specificity_levels:
@@ -276,6 +279,7 @@ def greedy_static(decoder: CaptionDecoder, features: torch.Tensor, config: Decod
     (B, D) features -> tokens (B, max_len) ending in ``<end>`` then ``<pad>``, logprob (B,), length (B,);
     ``finish_static`` turns them into hypotheses.
     """
+    _need_banned(config, banned)
     n, device = features.shape[0], features.device
     state = decoder.init_state(features)
     prev = torch.full((n,), specials.start, dtype=torch.long, device=device)

@@ -177,3 +177,17 @@ def test_neutral_never_uses_banned_words(decoder, feats, options):
     assert [[h.tokens for h in x] for x in again] == [[h.tokens for h in x] for x in plain]
     with pytest.raises(ConfigError, match="gender-neutral"):
         decode(decoder, feats, DecodeConfig(max_len=12, neutral=True, **options), rarity=rarity)
+
+
+def test_neutral_greedy_static_equals_greedy_and_needs_the_ids(decoder, feats):
+    """The CUDA-graph greedy path (``greedy_static``, also runnable on the CPU) bans the same ids as ``decode``."""
+    from captioner.decoding import finish_static, greedy_static
+    plain = decode(decoder, feats, DecodeConfig(strategy="greedy", max_len=12))
+    banned = torch.tensor(sorted({h[0].tokens[0] for h in plain if h[0].tokens}))
+    config = DecodeConfig(strategy="greedy", max_len=12, neutral=True)
+    expected = decode(decoder, feats, config, banned=banned)
+    got = finish_static(*greedy_static(decoder, feats, config, SpecialIds(), banned), config, SpecialIds())
+    assert [h[0].tokens for h in got] == [h[0].tokens for h in expected]
+    assert all(h[0].tokens[:1] != plain_h[0].tokens[:1] for h, plain_h in zip(got, plain) if plain_h[0].tokens)
+    with pytest.raises(ConfigError, match="gender-neutral"):
+        greedy_static(decoder, feats, config, SpecialIds())
