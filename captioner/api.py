@@ -31,6 +31,7 @@ from .graphs import GraphedCall
 from .guidance import IMAGENET_CATEGORIES, Tagger
 from .images import ImageSource, load_image
 from .model import RUNTIMES, CaptionDecoder, EnsembleDecoder, build_decoder
+from .options import check_names
 from .runtime import autocast, loader_workers, resolve_device, resolve_precision
 from .tokenizer import detokenize
 from .vocab import GENDERED_WORDS, Vocab
@@ -148,6 +149,7 @@ class Captioner:
         validation by ``captioner tune-decoding``). Another strategy starts from ``DecodeConfig``'s own
         defaults, so ``strategy="greedy"`` is plain greedy whatever beam settings the model prefers. A fixed
         ``specificity`` given replaces recommended ``specificity_levels`` and the other way round."""
+        check_names(DecodeConfig, options)
         recommended = self.decoding.get("strategy", DecodeConfig.strategy)
         defaults = dict(self.decoding) if options.get("strategy", recommended) == recommended else {}
         if "specificity" in options or options.get("consensus"):

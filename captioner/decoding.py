@@ -13,6 +13,7 @@ import torch
 
 from .errors import ConfigError
 from .model import CaptionDecoder, State
+from .options import check_types
 from .vocab import SpecialIds
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -60,11 +61,14 @@ class DecodeConfig:
     # level whose caption matches it best, a level s paying ``specificity_cost`` x s of cosine: a rarer word where
     # the matching model finds it fits the photo, the plain caption where it does not. One fixed specificity
     # trades accuracy for words on every photo; choosing per photo gives more words for less (MODEL_CARD
-    # "Specificity by fit"). (): off; then ``specificity`` must be 0.
+    # "Specificity by fit"). () or None: off; then ``specificity`` must be 0.
     specificity_levels: tuple[float, ...] = ()
     specificity_cost: float = 0.15  # cosine per unit of specificity: the bundled model's choice on val
 
     def __post_init__(self) -> None:
+        if self.specificity_levels is None:
+            self.specificity_levels = ()  # None reads as "off" too
+        check_types(self)
         self.specificity_levels = tuple(float(s) for s in self.specificity_levels)  # decoding.json gives a list
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")

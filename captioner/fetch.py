@@ -23,7 +23,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from .errors import ImageLoadError
+from .errors import ConfigError, ImageLoadError
+from .options import check_types
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """The largest image accepted from the network, uploads to the app and URLs alike: a phone photo fits,
@@ -44,6 +45,11 @@ class FetchConfig:
     max_bytes: int = MAX_IMAGE_BYTES
     max_redirects: int = 5
     allow_private: bool = False  # also fetch from private, loopback and link-local addresses
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.timeout <= 0 or self.max_bytes < 1 or self.max_redirects < 0:
+            raise ConfigError(f"need timeout > 0, max_bytes >= 1 and max_redirects >= 0, got {self}")
 
 
 def is_url(src: object) -> bool:

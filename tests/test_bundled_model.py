@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from captioner.api import Captioner, default_checkpoint
 from captioner.cli import main
+from captioner.errors import ConfigError
 from captioner.tokenizer import tokenize
 from captioner.vocab import GENDERED_WORDS
 
@@ -73,3 +74,22 @@ def test_bundled_model_gender_neutral_on_photos_of_people(capsys) -> None:
             assert c["caption"] and not set(tokenize(c["caption"])) & GENDERED_WORDS, c
     _, table, _ = app.caption_upload(cap, {"path": photos[0]}, "beam", 1.0, 1.0, 3, 3, True, neutral=True)
     assert table and all(not set(tokenize(r[1])) & GENDERED_WORDS for r in table), table
+
+
+def test_api_options_are_checked_by_name_and_type() -> None:
+    """``caption(image, **options)``: a misspelt option is named with the real ones listed, a value of the wrong
+    type is named (argparse checks the CLI's; nothing else checked the API's), and None switches the
+    recommended specificity by fit off instead of failing inside decoding."""
+    import skimage
+
+    photo = str(Path(skimage.__file__).parent / "data" / "chelsea.png")
+    cap = Captioner.from_pretrained()
+    with pytest.raises(ConfigError, match=r"unknown option beam_sise; the options are: .*beam_size"):
+        cap.caption(photo, beam_sise=5)
+    with pytest.raises(ConfigError, match="option guide must be bool, got 'no'"):
+        cap.caption(photo, guide="no")
+    with pytest.raises(ConfigError, match="option beam_size must be int, got '5'"):
+        cap.caption(photo, beam_size="5")
+    assert cap.decode_config().specificity_levels  # the bundled model recommends them
+    assert cap.decode_config(specificity_levels=None).specificity_levels == ()
+    assert cap.caption(photo, specificity_levels=None)

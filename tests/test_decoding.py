@@ -191,3 +191,19 @@ def test_neutral_greedy_static_equals_greedy_and_needs_the_ids(decoder, feats):
     assert all(h[0].tokens[:1] != plain_h[0].tokens[:1] for h, plain_h in zip(got, plain) if plain_h[0].tokens)
     with pytest.raises(ConfigError, match="gender-neutral"):
         greedy_static(decoder, feats, config, SpecialIds())
+
+
+@pytest.mark.parametrize("option, value", [("beam_size", "5"), ("guide", "no"), ("neutral", 1), ("max_len", 2.5),
+                                           ("length_penalty", None), ("seed", "1"), ("specificity_levels", [0.1, "x"])])
+def test_options_of_the_wrong_type_are_refused_by_name(option, value):
+    with pytest.raises(ConfigError, match=f"option {option} must be "):
+        DecodeConfig(strategy="beam", **{option: value})
+
+
+def test_numpy_numbers_and_json_lists_are_options_of_their_type():
+    import numpy as np
+
+    config = DecodeConfig(strategy="beam", beam_size=np.int64(4), length_penalty=np.float32(0.5), seed=None,
+                          specificity_levels=[0, 0.5])
+    assert (config.beam_size, config.specificity_levels) == (4, (0.0, 0.5))
+    assert DecodeConfig(strategy="beam", specificity_levels=None).specificity_levels == ()

@@ -19,7 +19,7 @@ from PIL import Image
 from app_fixtures import load_app
 from captioner.api import Captioner
 from captioner.cli import main
-from captioner.errors import ImageLoadError
+from captioner.errors import ConfigError, ImageLoadError
 from captioner.fetch import FetchConfig, fetch_image
 from captioner.images import load_image
 from conftest import draw
@@ -313,3 +313,11 @@ def test_the_app_refuses_private_urls_and_paths(captioner, server) -> None:
     finally:
         captioner.fetch = FetchConfig()
     assert app.MAX_FILE_SIZE == FetchConfig().max_bytes
+
+
+@pytest.mark.parametrize("options, message", [({"timeout": "10"}, "option timeout must be float"),
+                                              ({"allow_private": "yes"}, "option allow_private must be bool"),
+                                              ({"max_redirects": -1}, "max_redirects >= 0"), ({"timeout": 0}, "timeout > 0")])
+def test_a_fetch_config_with_a_wrong_value_is_refused_by_name(options, message):
+    with pytest.raises(ConfigError, match=message):
+        FetchConfig(**options)
