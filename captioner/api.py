@@ -110,6 +110,7 @@ class Captioner:
         self.graphs = False
         self._moments = self.preprocess.moments(self.device)
         self._graphed: dict[tuple, GraphedCall] = {}
+        self._non_final: dict[float, torch.Tensor | None] = {}  # ``non_final`` per min_end_rate
 
     @property
     def cpu_runtime(self) -> str:
@@ -181,14 +182,16 @@ class Captioner:
     def _greedy(self, features: torch.Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
         """Greedy decoding from one CUDA graph per setting of what it records (``decoding.greedy_static``)."""
         recorded = DecodeConfig(max_len=config.max_len, suppress_unk=config.suppress_unk,
-                                no_repeat_ngram=config.no_repeat_ngram, neutral=config.neutral)
-        specials, banned = self.vocab.specials, self.gendered
+                                no_repeat_ngram=config.no_repeat_ngram, neutral=config.neutral,
+                                min_end_rate=config.min_end_rate)
+        specials, banned, non_final = self.vocab.specials, self.gendered, self.non_final(config.min_end_rate)
 
         def run(feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with autocast(self.precision, self.device, cache=False):
-                return greedy_static(self.decoder, feats, recorded, specials, banned)
+                return greedy_static(self.decoder, feats, recorded, specials, banned, non_final)
 
-        key = ("greedy", recorded.max_len, recorded.suppress_unk, recorded.no_repeat_ngram, recorded.neutral)
+        key = ("greedy", recorded.max_len, recorded.suppress_unk, recorded.no_repeat_ngram, recorded.neutral,
+               recorded.min_end_rate)
         return finish_static(*self._graph(key, run, DECODER_GRAPH_ROWS)(features), config, specials)
 
     @property
@@ -224,7 +227,8 @@ class Captioner:
             search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
             rarity = self.rarity if config.specificity or config.specificity_levels else None
             with autocast(self.precision, self.device):
-                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity, self.gendered)
+                hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity, self.gendered,
+                              self.non_final(config.min_end_rate))
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
             nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)
@@ -258,6 +262,16 @@ class Captioner:
         """Ids of the vocabulary's ``GENDERED_WORDS`` on the model's device, which ``neutral`` decoding bans (decoding
         reads them only then)."""
         return torch.tensor(self.vocab.ids(GENDERED_WORDS), dtype=torch.long, device=self.device)
+
+    def non_final(self, min_end_rate: float) -> torch.Tensor | None:
+        """(V,) bool on the model's device: the words no caption may end on at ``min_end_rate``
+        (``Vocab.non_final``); None when that is none (0, or a vocabulary without end counts)."""
+        if min_end_rate not in self._non_final:
+            ids = self.vocab.non_final(min_end_rate) if min_end_rate else []
+            mask = torch.zeros(len(self.vocab), dtype=torch.bool, device=self.device)
+            mask[ids] = True
+            self._non_final[min_end_rate] = mask if ids else None
+        return self._non_final[min_end_rate]
 
     @functools.cached_property
     def rarity(self) -> torch.Tensor:

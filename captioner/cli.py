@@ -220,7 +220,7 @@ def cmd_train(args) -> int:
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
                 "no_repeat_ngram", "seed", "guide", "guide_threshold", "consensus",
                 "consensus_weight", "match_weight", "specificity", "specificity_levels",
-                "specificity_cost", "neutral")  # DecodeConfig fields given as flags
+                "specificity_cost", "neutral", "min_end_rate")  # DecodeConfig fields given as flags
 DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
                            "tune-decoding`), whose settings also fill the beam flags left out",
                "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
@@ -239,7 +239,9 @@ DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its
                                      "the level ('' for off)",
                "specificity_cost": "cosine a caption pays per unit of its --specificity-levels level",
                "neutral": "never use words that state a person's gender (man, woman, boy, girl, his, her, ...): "
-                          "'a person', 'a child', 'two people'"}
+                          "'a person', 'a child', 'two people'",
+               "min_end_rate": "a caption may end on a word only if at least this share of its uses in the training "
+                               "captions end one: never on 'and', 'of' or a dangling adjective (0: anywhere)"}
 
 
 def _add_decode_args(p) -> None:

@@ -42,6 +42,8 @@ class Vocab:
 
     words: list[str]
     counts: dict[str, int] = field(default_factory=dict)
+    # how many training captions end on each word; empty in vocabularies made before 2026-11-29 (``non_final``)
+    ends: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if tuple(self.words[:4]) != SPECIALS:
@@ -58,17 +60,19 @@ class Vocab:
     @classmethod
     def build(cls, tokenized: Iterable[list[str]], min_count: int = 5) -> "Vocab":
         """Keep words seen at least ``min_count`` times; order by frequency then alphabetically."""
+        tokenized = [tokens for tokens in tokenized if tokens]
         counts = Counter(t for tokens in tokenized for t in tokens)
         kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIALS),
                       key=lambda w: (-counts[w], w))
-        return cls(list(SPECIALS) + kept, dict(counts))
+        return cls(list(SPECIALS) + kept, dict(counts), dict(Counter(tokens[-1] for tokens in tokenized)))
 
     def extended(self, other: "Vocab") -> "Vocab":
         """This vocabulary followed by ``other``'s words it lacks, in ``other``'s order, with their counts.
 
         Why appended: every old id keeps its word, so a trained model's rows stay valid (``--init-from``)."""
         new = [w for w in other.words[len(SPECIALS):] if w not in self.index]
-        return Vocab(self.words + new, {**self.counts, **{w: other.counts.get(w, 0) for w in new}})
+        return Vocab(self.words + new, {**self.counts, **{w: other.counts.get(w, 0) for w in new}},
+                     {**self.ends, **{w: other.ends[w] for w in new if w in other.ends}})
 
     def encode(self, tokens: list[str]) -> list[int]:
         """Token ids wrapped in <start> ... <end>; unknown words become <unk>."""
@@ -95,12 +99,25 @@ class Vocab:
         top = max(self.counts.get(w, 0) for w in self.words[len(SPECIALS):])
         return [0.0] * len(SPECIALS) + [math.log(top / max(self.counts.get(w, 0), 1)) for w in self.words[len(SPECIALS):]]
 
+    def non_final(self, min_end_rate: float) -> list[int]:
+        """Ids of the words that end a training caption in fewer than ``min_end_rate`` of their uses there, which
+        ``DecodeConfig.min_end_rate`` lets no caption end on: "and", "of", "a", and the adjectives of a
+        noun phrase ("... playing with a red and black", an out-of-domain caption the matching reranker had
+        chosen). Words the vocabulary has no counts for are not among them; a vocabulary without end counts
+        (made before 2026-11-29) gives none."""
+        if not self.ends:
+            return []
+        return [i for i, w in enumerate(self.words[len(SPECIALS):], len(SPECIALS))
+                if self.counts.get(w, 0) and self.ends.get(w, 0) < min_end_rate * self.counts[w]]
+
     def ids(self, words: Iterable[str]) -> list[int]:
         """Ids of those of ``words`` this vocabulary has, in id order (``GENDERED_WORDS`` for neutral decoding)."""
         return sorted(self.index[w] for w in set(words) if w in self.index)
 
     def to_json(self) -> dict:
-        return {"words": self.words, "counts": {w: self.counts.get(w, 0) for w in self.words[4:]}}
+        ends = {w: self.ends[w] for w in self.words[4:] if self.ends.get(w)}
+        return {"words": self.words, "counts": {w: self.counts.get(w, 0) for w in self.words[4:]},
+                **({"ends": ends} if self.ends else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=0))
@@ -112,12 +129,12 @@ class Vocab:
             raise VocabError(f"{path}: vocabulary file not found")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            words, counts = data["words"], data.get("counts", {})
+            words, counts, ends = data["words"], data.get("counts", {}), data.get("ends", {})
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise VocabError(f"{path}: not a captioner vocabulary ({err})") from None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise VocabError(f"{path}: 'words' must be a list of strings")
         try:
-            return cls(words, counts)
+            return cls(words, counts, ends)
         except VocabError as err:
             raise VocabError(f"{path}: {err}") from None

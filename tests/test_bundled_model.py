@@ -93,3 +93,23 @@ def test_api_options_are_checked_by_name_and_type() -> None:
     assert cap.decode_config().specificity_levels  # the bundled model recommends them
     assert cap.decode_config(specificity_levels=None).specificity_levels == ()
     assert cap.caption(photo, specificity_levels=None)
+
+
+def test_bundled_model_captions_do_not_end_on_a_dangling_word() -> None:
+    """The bundled vocabulary knows the words training captions (almost) never end on ("and", "a", colours), and
+    the API keeps every caption of the demo's photos from ending on one; with the rule off the astronaut's best
+    caption was "a little boy in a red shirt is playing with a red and black" (the case that made it)."""
+    import skimage
+
+    photos = [str(Path(skimage.__file__).parent / "data" / name)
+              for name in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg")]
+    cap = Captioner.from_pretrained()
+    non_final = {cap.vocab.words[i] for i in cap.vocab.non_final(cap.decode_config().min_end_rate)}
+    assert {"and", "a", "of", "black", "red"} <= non_final and not {"grass", "water", "ball", "dog"} & non_final
+
+    def dangling(rate: float) -> list[str]:
+        nbest = cap.caption(photos, num_return=5, min_end_rate=rate)
+        return [c["caption"] for per in nbest for c in per if tokenize(c["caption"])[-1] in non_final]
+
+    assert dangling(0.0)  # without the rule some n-best caption of these photos ends on one
+    assert dangling(cap.decode_config().min_end_rate) == []

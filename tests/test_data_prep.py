@@ -13,7 +13,7 @@ import pytest
 
 from captioner.cli import main
 from captioner.tokenizer import detokenize, tokenize
-from captioner.vocab import SPECIALS
+from captioner.vocab import SPECIALS, Vocab
 from conftest import FLICKR8K, draw
 
 
@@ -242,6 +242,25 @@ def test_vocabulary_specials_first_min_count_and_unk_report(tmp_path, capsys):
     assert report["unk"]["distinct_words"] == len(rare)
     assert report["unk"]["train_token_fraction"] == pytest.approx(len(rare) / sum(counts.values()), abs=1e-4)
     assert report["vocab_size"] == len(words)
+
+
+def test_vocabulary_counts_caption_ends_and_knows_the_words_no_caption_ends_on(tmp_path):
+    """``Vocab.ends`` counts the training captions ending on each word; ``non_final(rate)`` gives the words whose
+    share of ends among their uses is below ``rate`` ("and", "a", an adjective), which decoding never ends on. The
+    counts survive vocab.json; a vocabulary saved without them (older files) has no such words."""
+    captions = [["a", "dog", "runs", "on", "the", "grass"], ["a", "black", "dog", "on", "grass"],
+                ["a", "black", "and", "white", "dog"], ["the", "dog", "is", "black"], ["a", "dog"]]
+    vocab = Vocab.build(captions + [[]], min_count=1)
+    assert vocab.ends == {"grass": 2, "dog": 2, "black": 1}
+    assert {vocab.words[i] for i in vocab.non_final(0.4)} == {"a", "runs", "on", "the", "black", "and", "white", "is"}
+    assert {vocab.words[i] for i in vocab.non_final(0.3)} == {"a", "runs", "on", "the", "and", "white", "is"}
+    vocab.save(tmp_path / "vocab.json")
+    again = Vocab.load(tmp_path / "vocab.json")
+    assert again.ends == vocab.ends and again.non_final(0.4) == vocab.non_final(0.4)
+    old = json.loads((tmp_path / "vocab.json").read_text())
+    del old["ends"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Vocab.load(tmp_path / "old.json").non_final(0.4) == []
 
 
 def test_vocabulary_comes_from_training_captions_only(coco_files, tmp_path, capsys):

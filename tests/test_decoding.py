@@ -193,6 +193,48 @@ def test_neutral_greedy_static_equals_greedy_and_needs_the_ids(decoder, feats):
         greedy_static(decoder, feats, config, SpecialIds())
 
 
+# enough photos that greedy decoding with the random decoder ends some captions after a word (most loop to max_len)
+MANY_FEATS = torch.randn(64, 24, generator=torch.Generator().manual_seed(2))
+
+
+def _ended_on(nbest: list[list], max_len: int) -> set[int]:
+    """The last words of the captions that ended (a caption of ``max_len`` words was cut, not ended)."""
+    return {h.tokens[-1] for hyps in nbest for h in hyps if 0 < len(h.tokens) < max_len}
+
+
+@pytest.mark.parametrize("options", [dict(strategy="greedy"), dict(strategy="sample", num_return=3, seed=0),
+                                     dict(strategy="beam", beam_size=4, num_return=2),
+                                     dict(strategy="beam", beam_size=3, specificity_levels=(0.0, 0.5))])
+def test_no_caption_ends_on_a_non_final_word(decoder, options):
+    """``non_final`` words (``Vocab.non_final``) are never a caption's last word, in every strategy. The marked
+    words are the ones plain decoding ends on, so the test fails if the rule is not applied."""
+    feats = MANY_FEATS
+    rarity = torch.linspace(0, 3, decoder.config.vocab_size)
+    config = DecodeConfig(max_len=20, **options)
+    plain = decode(decoder, feats, config, rarity=rarity)
+    last = _ended_on(plain, 20)
+    non_final = torch.zeros(decoder.config.vocab_size, dtype=torch.bool)
+    non_final[sorted(last)] = True
+    ruled = decode(decoder, feats, config, rarity=rarity, non_final=non_final)
+    assert len(ruled) == len(plain) and all(h.logprob > float("-inf") for hyps in ruled for h in hyps)
+    assert not _ended_on(ruled, 20) & last
+    assert [[h.tokens for h in x] for x in ruled] != [[h.tokens for h in x] for x in plain]
+
+
+def test_greedy_static_ends_like_greedy(decoder):
+    """The CUDA-graph greedy path (``greedy_static``, also runnable on the CPU) keeps ``non_final`` as ``decode`` does."""
+    from captioner.decoding import finish_static, greedy_static
+    feats = MANY_FEATS
+    config = DecodeConfig(strategy="greedy", max_len=20)
+    plain = decode(decoder, feats, config)
+    non_final = torch.zeros(decoder.config.vocab_size, dtype=torch.bool)
+    non_final[sorted(_ended_on(plain, 20))] = True
+    expected = decode(decoder, feats, config, non_final=non_final)
+    got = finish_static(*greedy_static(decoder, feats, config, SpecialIds(), None, non_final), config, SpecialIds())
+    assert [h[0].tokens for h in got] == [h[0].tokens for h in expected]
+    assert [h[0].tokens for h in got] != [h[0].tokens for h in plain]
+
+
 @pytest.mark.parametrize("option, value", [("beam_size", "5"), ("guide", "no"), ("neutral", 1), ("max_len", 2.5),
                                            ("length_penalty", None), ("seed", "1"), ("specificity_levels", [0.1, "x"])])
 def test_options_of_the_wrong_type_are_refused_by_name(option, value):

@@ -72,6 +72,7 @@ def test_extended_vocabulary_keeps_every_old_id_and_appends_new_words():
     assert run.words[: len(base)] == base.words
     assert run.words[len(base):] == ["scarlet", "navy"]  # the data's order: by training count
     assert run.counts["scarlet"] == 2 and run.counts["red"] == 2
+    assert run.ends == {"square": 1, "circle": 1, "navy": 1}  # end counts too: the old words' then the new ones'
 
 
 def test_a_run_vocabulary_is_the_checkpoints_then_the_new_words(finetuned, trained_run, domain_dir):
