@@ -253,6 +253,8 @@ class Captioner:
         """What the encoder's ImageNet head recognises, as caption words: per image a list of
         ``{"word", "prob", "imagenet_class"}``, best first (one image gives one list)."""
         single = not isinstance(images, (list, tuple))
+        if not single and not images:
+            return []
         found = [[asdict(t) for t in per] for per in self.tagger.tags(self.features([images] if single else images),
                                                                        threshold, top)]
         return found[0] if single else found
@@ -297,8 +299,8 @@ class Captioner:
         return {"caption": detokenize(words), "tokens": words, "logprob": round(h.logprob, 4), "score": round(h.score, 4)}
 
     def caption(self, images: ImageSource | Sequence[ImageSource], **options):
-        """Caption one image or a list of them (paths, http(s) URLs fetched under ``self.fetch``, PIL
-        images, numpy arrays).
+        """Caption one image or a list of them (paths, http(s) URLs fetched under ``self.fetch``, image file
+        bytes, PIL images, numpy arrays; an empty list gives an empty list).
 
         Per image the result is the caption string when ``num_return`` is 1, else the n-best list of
         ``{"caption", "logprob", "score", "tokens"}`` dicts. A single image gives that result, a list
@@ -311,8 +313,8 @@ class Captioner:
         return results[0] if single else results
 
     def nbest(self, images: Sequence[ImageSource], config: DecodeConfig) -> list[list[dict]]:
-        """Per image, the n-best ``{"caption", "tokens", "logprob", "score"}`` dicts, best first."""
-        return self.generate(self.features(images), config)
+        """Per image, the n-best ``{"caption", "tokens", "logprob", "score"}`` dicts, best first (none for none)."""
+        return self.generate(self.features(images), config) if len(images) else []
 
     def features(self, images: Sequence[ImageSource], fetch: FetchConfig | None = None) -> torch.Tensor:
         """Images -> (B, D) encoder features: the one load + preprocess + encode of in-memory requests.

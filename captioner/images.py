@@ -20,7 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]  # a str may also be an http(s) URL
+# a str may also be an http(s) URL; bytes are an image file's contents (an upload, a download, a database blob)
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+BYTES = (bytes, bytearray, memoryview)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -28,6 +30,8 @@ def describe(src: ImageSource) -> str:
     """A short name for error messages."""
     if isinstance(src, (str, os.PathLike)):
         return str(src)
+    if isinstance(src, BYTES):
+        return f"<{src.nbytes if isinstance(src, memoryview) else len(src)} bytes>"
     return f"<{type(src).__name__}>"
 
 
@@ -68,7 +72,8 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 
 def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig = FetchConfig()) -> Image.Image:
-    """Return an RGB image for a path, http(s) URL, PIL image or numpy array; raise ``ImageLoadError`` otherwise.
+    """Return an RGB image for a path, http(s) URL, image file bytes, PIL image or numpy array; raise
+    ``ImageLoadError`` otherwise (a source of any other type included).
 
     A URL is downloaded under ``fetch``'s limits (``fetch.fetch_image``; by default private addresses
     are refused) and its bytes then decoded exactly like a file's.
@@ -90,9 +95,16 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                 img = src
             elif isinstance(src, np.ndarray):
                 img = _from_array(src)
+            elif not isinstance(src, (str, os.PathLike, *BYTES)):
+                raise ImageLoadError(name, "not an image source: give a path, an http(s) URL, an image file's bytes, "
+                                           "a PIL image or a numpy array")
             else:
-                if is_url(src):
-                    stream: Path | io.BytesIO = io.BytesIO(fetch_image(src, fetch))
+                if isinstance(src, BYTES):
+                    stream: Path | io.BytesIO = io.BytesIO(bytes(src))
+                    if not len(stream.getbuffer()):
+                        raise ImageLoadError(name, "empty (0 bytes)")
+                elif is_url(src):
+                    stream = io.BytesIO(fetch_image(src, fetch))
                 else:
                     stream = Path(src)
                     if stream.is_dir():

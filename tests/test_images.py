@@ -109,6 +109,30 @@ def test_pil_image_input_is_converted(good):
     assert load_image(Image.new("L", (8, 8), 128)).getpixel((0, 0)) == (128, 128, 128)
 
 
+def test_image_file_bytes_load_as_the_file_does(good, bad, tmp_path):
+    """An image file's contents (an upload, a download, a database blob) load as the file itself, draft scale
+    included; empty or unreadable bytes are refused with their size as the name."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(
+        tmp_path / "large.jpg", quality=90)
+    assert load_image((tmp_path / "large.jpg").read_bytes(), 64).size == (128, 96)  # decoded at 1/8 scale
+    for path in (good["photo"], good["exif_rotated"], good["cmyk"], tmp_path / "large.jpg"):
+        data = path.read_bytes()
+        for src in (data, bytearray(data), memoryview(data)):
+            assert np.array_equal(np.asarray(load_image(src, 64)), np.asarray(load_image(path, 64)))
+    with pytest.raises(ImageLoadError, match="empty") as caught:
+        load_image(b"")
+    assert caught.value.source == "<0 bytes>"
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(bad["text"].read_bytes())
+
+
+@pytest.mark.parametrize("src", [None, 42, {"path": "x.jpg"}, [1, 2]])
+def test_a_source_of_another_type_is_refused_by_name(src):
+    with pytest.raises(ImageLoadError, match="not an image source: give a path") as caught:
+        load_image(src)
+    assert caught.value.source == f"<{type(src).__name__}>"
+
+
 def test_numpy_uint8_grayscale():
     img = load_image(np.full((12, 20), 77, dtype=np.uint8))
     assert img.mode == "RGB" and img.size == (20, 12) and img.getpixel((3, 3)) == (77, 77, 77)
@@ -221,6 +245,9 @@ def test_captioner_captions_every_good_input(captioner, good):
     assert len(captions) == len(sources)
     assert all(isinstance(c, str) and c.strip() for c in captions)
     assert captioner.caption(good["photo"]) == captions[0]  # one image -> one string, same as in a batch
+    assert captioner.caption(good["photo"].read_bytes()) == captions[0]  # its bytes caption as the file does
+    assert captioner.caption([]) == [] and captioner.caption([], strategy="beam", num_return=2) == []
+    assert captioner.tags([]) == []
 
 
 @pytest.mark.parametrize("name", ["empty", "truncated", "text", "directory", "bomb"])
