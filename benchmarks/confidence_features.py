@@ -4,8 +4,9 @@ caption's CIDEr-D, on a split's cached features (the choice behind ``captioner/c
     OMP_NUM_THREADS=1 python benchmarks/confidence_features.py data/flickr8k --split val
 
 Candidates: the log-probability per decoding step, the total log-probability, the length, the encoder head's
-top caption-word and top ImageNet-class probabilities, and, for beam search's n-best, the agreement (share of
-the best caption's content words the other beams use) and the margin (total log-prob, best minus second).
+top caption-word and top ImageNet-class probabilities, the matching model's cosine between photo and caption (for a
+model with one), and, for beam search's n-best, the agreement (share of the best caption's content words the other
+beams use) and the margin (total log-prob, best minus second).
 Decoding: ``CalibrationConfig.settings`` (the CLI's and the app's defaults).
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioner.api import Captioner  # noqa: E402
 from captioner.captions import references  # noqa: E402
-from captioner.confidence import CalibrationConfig  # noqa: E402
+from captioner.confidence import CalibrationConfig, fill_match  # noqa: E402
 from captioner.features import FeatureCache, cache_dir  # noqa: E402
 from captioner.manifest import load_manifest, split_records  # noqa: E402
 from captioner.metrics import CiderD  # noqa: E402
@@ -57,7 +58,12 @@ def main() -> None:
     results = {}
     for setting in CalibrationConfig().settings:
         config = cap.decode_config(**setting)
-        nbest = [n for i in range(0, len(records), 250) for n in cap.generate(features[i:i + 250], config)]
+        nbest = []
+        for i in range(0, len(records), 250):
+            part = cap.generate(features[i:i + 250], config)
+            if cap.matcher is not None:
+                fill_match(cap.matcher, part, features[i:i + 250], cap.vocab)
+            nbest += part
         cider = [scorer.score(r.id, tokenize(n[0]["caption"])) for r, n in zip(records, nbest)]
         candidates = {
             "per_word_logprob": [n[0]["logprob"] / (len(n[0]["tokens"]) + 1) for n in nbest],
@@ -65,6 +71,8 @@ def main() -> None:
             "tokens": [len(n[0]["tokens"]) for n in nbest],
             "tag_prob": words.max(1).values.tolist(),
             "class_prob": classes.max(1).values.tolist()}
+        if cap.matcher is not None:
+            candidates["match"] = [n[0]["match"] for n in nbest]
         if config.num_return > 1:
             candidates["nbest_agreement"] = [agreement(n) for n in nbest]
             candidates["nbest_margin"] = [n[0]["logprob"] - n[1]["logprob"] for n in nbest]

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
-from .confidence import Calibration, add_confidence, tag_probs
+from .confidence import Calibration, add_confidence, fill_match, tag_probs
 from .consensus import ConsensusIndex
 from .matching import Matcher, pick_levels
 from .config import ModelConfig
@@ -245,6 +245,8 @@ class Captioner:
             tag_prob = None
             if "tag_prob" in self.calibration.features:
                 tag_prob = tag_probs(self.tagger, features)
+            if "match" in self.calibration.features:
+                fill_match(self.matcher, nbest, features, self.vocab)
             add_confidence(self.calibration, nbest, tag_prob)
         return nbest
 

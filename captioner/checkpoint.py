@@ -206,6 +206,9 @@ def load_checkpoint(directory: str | Path, calibrated: bool = True, matching: bo
         what = "specificity by fit" if decoding.get("specificity_levels") else "matching reranking"
         raise CheckpointError(f"{directory / DECODING}: recommends {what}, but the directory has no "
                               f"{MATCHING_CONFIG}; train it with `captioner matching` or re-run `captioner tune-decoding`")
+    if calibration is not None and "match" in calibration.features and matcher is None:
+        raise CheckpointError(f"{directory / CALIBRATION}: uses match, but the directory has no {MATCHING_CONFIG}; "
+                              "re-create it with `captioner calibrate`")
     if decoding.get("specificity") or decoding.get("specificity_levels"):
         try:
             vocab.rarity()

@@ -9,8 +9,11 @@ what three human captions in four reach". It is computed when fitting and stored
 What the confidence is computed from (measured on Flickr8k val with the bundled model by
 ``benchmarks/confidence_features.py``; docs/calibration.md):
 the caption's log-probability per decoding step (Spearman 0.43 with its CIDEr-D), its length in tokens
-(-0.29: at the same per-step log-prob, long captions are worse) and the encoder's top caption-word
-probability from the ImageNet head (0.33: a photo of something the CNN knows well). The n-best's agreement
+(-0.29: at the same per-step log-prob, long captions are worse), the encoder's top caption-word
+probability from the ImageNet head (0.33: a photo of something the CNN knows well) and, for a model with a
+matching model, the cosine between the photo and the caption there (``fill_match``; +0.37 on val with the
+bundled model's default decoding: it also knows when a caption does not fit a photo unlike Flickr8k's, where
+the other signals, all about the decoder's certainty, do not). The n-best's agreement
 (content words the other beams share with the best) correlated 0.02 and the best-vs-second margin -0.13,
 and greedy decoding (the CLI's default) has no n-best at all, so neither is used. The calibrator is a
 logistic regression on these standardised features (Platt scaling with more than one input), fitted with
@@ -39,6 +42,8 @@ from .errors import CheckpointError, DatasetError
 if TYPE_CHECKING:
     from .api import Captioner
     from .guidance import Tagger
+    from .matching import Matcher
+    from .vocab import Vocab
 
 CALIBRATION = "calibration.json"
 FORMAT = "captioner-calibration/1"
@@ -46,6 +51,7 @@ FEATURES = {  # name -> what it is; ``caption_features`` computes them
     "per_word_logprob": "total log-probability / (tokens + 1): per decoding step, <end> included",
     "tokens": "caption length in tokens",
     "tag_prob": "the encoder ImageNet head's top caption-word probability (guidance.Tagger)",
+    "match": "the matching model's cosine between the photo and the caption (matching.Matcher)",
 }
 
 
@@ -125,7 +131,7 @@ def caption_features(nbest: list[list[dict]], tag_prob: list[float] | None, name
     for i, hyps in enumerate(nbest):
         for h in hyps:
             values = {"per_word_logprob": h["logprob"] / (len(h["tokens"]) + 1), "tokens": float(len(h["tokens"])),
-                      "tag_prob": tag_prob[i] if tag_prob is not None else math.nan}
+                      "tag_prob": tag_prob[i] if tag_prob is not None else math.nan, "match": h.get("match", math.nan)}
             rows.append([values[n] for n in names])
     return np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
 
@@ -133,6 +139,16 @@ def caption_features(nbest: list[list[dict]], tag_prob: list[float] | None, name
 def tag_probs(tagger: "Tagger", features: torch.Tensor) -> list[float]:
     """(B, D) features -> per image the top caption-word probability of the encoder's ImageNet head."""
     return tagger.word_probs(features)[0].max(1).values.tolist()
+
+
+def fill_match(matcher: "Matcher", nbest: list[list[dict]], features: torch.Tensor, vocab: "Vocab") -> None:
+    """Give every n-best dict that has none its ``"match"`` (in place): the matching model's cosine between the
+    caption and its photo, row i of the (B, D) ``features`` for ``nbest[i]``. Reranking by the matcher sets it
+    already, as this rounds it (4 decimals); greedy and plain beam search do not."""
+    missing = [(i, h) for i, hyps in enumerate(nbest) for h in hyps if "match" not in h]
+    sims = matcher.similarity(features, vocab, [h["tokens"] for _, h in missing], [i for i, _ in missing])
+    for (_, h), sim in zip(missing, sims):
+        h["match"] = round(sim, 4)
 
 
 def add_confidence(calibration: Calibration, nbest: list[list[dict]], tag_prob: list[float] | None) -> None:
@@ -228,7 +244,10 @@ def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: f
         tag_prob: list[float] = []
         for i in range(0, len(records), config.batch_size):
             feats = cache.gather([r.id for r in records[i:i + config.batch_size]])  # (B, D)
-            best += [[n[0]] for n in captioner.generate(feats, decode)]
+            batch = [[n[0]] for n in captioner.generate(feats, decode)]
+            if "match" in names:
+                fill_match(captioner.matcher, batch, feats, captioner.vocab)
+            best += batch
             if "tag_prob" in names:
                 tag_prob += tag_probs(captioner.tagger, feats)
         good = np.array([scorer.score(r.id, tokenize(n[0]["caption"])) >= threshold for r, n in zip(records, best)])
@@ -241,7 +260,8 @@ def calibrate(captioner: "Captioner", data_dir: Path, config: CalibrationConfig)
     per split and setting, the (confidence, good) arrays behind the reliability diagram."""
     from .manifest import load_manifest, split_records
 
-    names = [n for n in FEATURES if n != "tag_prob" or captioner.can_tag]  # tag_prob needs the ImageNet head
+    # tag_prob needs the ImageNet head, match the matching model
+    names = [n for n in FEATURES if (n != "tag_prob" or captioner.can_tag) and (n != "match" or captioner.matcher)]
     threshold = human_threshold(split_records(load_manifest(data_dir), config.split), config.human_quantile)
     fit_on = score_split(captioner, data_dir, config.split, threshold, names, config)
     calibration = fit_logistic(np.concatenate([s.x for s in fit_on]), np.concatenate([s.good for s in fit_on]), names)
