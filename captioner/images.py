@@ -100,9 +100,10 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                                            "a PIL image or a numpy array")
             else:
                 if isinstance(src, BYTES):
-                    stream: Path | io.BytesIO = io.BytesIO(bytes(src))
-                    if not len(stream.getbuffer()):
+                    data = bytes(src)
+                    if not data:
                         raise ImageLoadError(name, "empty (0 bytes)")
+                    stream: Path | io.BytesIO = io.BytesIO(data)
                 elif is_url(src):
                     stream = io.BytesIO(fetch_image(src, fetch))
                 else:

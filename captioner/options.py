@@ -8,6 +8,7 @@ means something else (``guide="no"`` is true). A misspelt option name gets the l
 
 from __future__ import annotations
 
+import functools
 import numbers
 import types
 import typing
@@ -42,10 +43,17 @@ def _name(kind: Any) -> str:
     return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved annotations, once per class: resolving them took ~0.4 ms, paid on every
+    ``DecodeConfig`` a request builds."""
+    return typing.get_type_hints(cls)
+
+
 def check_types(config: Any) -> None:
     """Raise ``ConfigError`` naming the first field of the dataclass instance ``config`` whose value does not
     fit its annotation."""
-    hints = typing.get_type_hints(type(config))
+    hints = _hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)
         if not _accepts(hints[f.name], value):

@@ -59,7 +59,8 @@ class Vocab:
 
     @classmethod
     def build(cls, tokenized: Iterable[list[str]], min_count: int = 5) -> "Vocab":
-        """Keep words seen at least ``min_count`` times; order by frequency then alphabetically."""
+        """Keep words seen at least ``min_count`` times; order by frequency then alphabetically. Counts every
+        word's uses and the captions it ends (``non_final``)."""
         tokenized = [tokens for tokens in tokenized if tokens]
         counts = Counter(t for tokens in tokenized for t in tokens)
         kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIALS),
