@@ -22,6 +22,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -197,14 +198,45 @@ class Encoder(nn.Module):
 
     def for_inference(self, device: torch.device) -> "Encoder":
         """Move to ``device`` in eval mode; on a CPU also store the weights channels-last, the layout
-        ``encode`` feeds them (done once here, before any request can be running the model)."""
+        ``encode`` feeds them, and fold the BatchNorms (``folded``; both done once here, before any request
+        can be running the model)."""
         self.to(device).eval()
-        return self.to(memory_format=torch.channels_last) if device.type == "cpu" else self
+        if device.type == "cpu":
+            self.to(memory_format=torch.channels_last)
+        self.folded()
+        return self
+
+    def folded(self) -> nn.Module:
+        """``forward`` for inference with every BatchNorm folded into the convolution before it, made from the
+        current weights (remade when any changes: a ``load_state_dict``, an optimizer step, a move).
+
+        Why: at inference a BatchNorm is a fixed per-channel affine map, yet run as its own operator it reads
+        and writes the whole activation again: on the 2-core CPU mobilenet_v2 spent a quarter of its time
+        there, and folding made 4 images per call 2.2x faster (62 -> 28 ms), 1 image 12 -> 10 ms. A copy,
+        not the module itself, so the checkpoint's state dict, training and Grad-CAM keep the real layers
+        (mobilenet_v2: 14 MB more). A backbone torch.fx cannot trace runs unfolded."""
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+        key = [(t.data_ptr(), t._version, t.dtype) for t in tensors]
+        cached = self.__dict__.get("_folded")  # a plain attribute: not a submodule, not in the state dict
+        if cached is None or cached[0] != key:
+            try:
+                traced = torch.fx.symbolic_trace(self.backbone)
+            except Exception:  # noqa: BLE001 -- torch.fx raises several types for code it cannot trace
+                backbone = self.backbone
+            else:
+                backbone = fuse(traced, no_trace=True)  # a deep copy: the real layers stay as they are
+            if tensors and tensors[0].device.type == "cpu":
+                backbone = backbone.to(memory_format=torch.channels_last)
+            self.__dict__["_folded"] = cached = (key, nn.Sequential(backbone, nn.Flatten(1)))
+        return cached[1]
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Inference forward, laid out for speed (``run_laid_out``). Same features as ``forward`` up to float
-        rounding."""
-        return run_laid_out(self, pixels)
+        """Inference forward, laid out for speed (``run_laid_out``) through ``folded``. Same features as
+        ``forward`` in eval mode up to float rounding. In train mode, or when gradients would reach the
+        weights, the real layers run (batch statistics, gradients)."""
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return run_laid_out(self, pixels)
+        return run_laid_out(self.folded(), pixels)
 
 
 def run_laid_out(module: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

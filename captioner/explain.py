@@ -135,7 +135,7 @@ def explain_image(captioner: "Captioner", image: ImageSource, config: DecodeConf
     pre = captioner.preprocess
     photo = load_image(image, pre.min_side, captioner.fetch)  # a URL is fetched as ``Captioner.features`` does
     pixels = pre(photo)[None].to(captioner.device)  # (1, 3, crop, crop)
-    best = captioner.generate(captioner.encode(pixels), config)[0][0]
+    best = captioner.generate(captioner.encode(pixels), config, confidence=False)[0][0]
     tokens = [captioner.vocab.index[w] for w in best["tokens"]]
     scale = min(1.0, settings.max_side / max(photo.size))
     shown = photo if scale == 1.0 else photo.resize((max(1, round(photo.width * scale)),

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from captioner import api
 from captioner.api import Captioner, default_checkpoint
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
@@ -125,6 +126,21 @@ def test_match_is_the_matching_models_cosine_whatever_the_decoding(bundled_copy,
     for i, hyps in enumerate(nbest):
         sims = cap.matcher.similarity(feats, cap.vocab, [h["tokens"] for h in hyps], [i] * len(hyps))
         assert [h["match"] for h in hyps] == pytest.approx(sims, abs=1e-4) and all("confidence" in h for h in hyps)
+
+
+def test_caption_text_alone_skips_the_confidence_it_would_throw_away(bundled_copy, photos, monkeypatch):
+    """``caption(image)`` returns only the text: the tagger and matching passes behind the confidence are not
+    run for it (the n-best dicts, ``generate`` and the app, which show it, still get it)."""
+    cap = Captioner.from_pretrained(bundled_copy, device="cpu")
+    calls = []
+    monkeypatch.setattr(api, "fill_match", lambda *a: calls.append("match"))
+    monkeypatch.setattr(api, "tag_probs", lambda *a: calls.append("tag") or np.zeros(len(a[1])))
+    monkeypatch.setattr(api, "add_confidence", lambda *a: calls.append("confidence"))
+    assert isinstance(cap.caption(photos[0], strategy="greedy"), str)
+    assert isinstance(cap.caption(photos[:2])[1], str)  # the model's own decoding too
+    assert calls == []
+    cap.caption(photos[0], strategy="beam", num_return=2)
+    assert calls == ["tag", "match", "confidence"]
 
 
 def test_a_calibration_that_uses_match_needs_the_matching_model(bundled_copy, tmp_path):
