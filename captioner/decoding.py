@@ -370,7 +370,12 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     bonus = None if bonus is None else bonus.view(-1, 1, 1, bonus.shape[-1])
     rank = logprob
     for _ in range(config.max_len):
-        logp, state = _step_unfinished(decoder, prev, state, finished)  # (B*g*k, V)
+        # Empty slots (logprob -inf: the first step's copies of the start, a constrained group no hypothesis has
+        # reached yet, which is every image's group 1 when no word is recognised) are not stepped: whatever their
+        # placeholder log-probs, their candidates stay at -inf. Guided decoding of an unconstrained photo would
+        # otherwise run twice the decoder rows it needs.
+        empty = logprob.view(-1) == float("-inf")
+        logp, state = _step_unfinished(decoder, prev, state, finished | empty)  # (B*g*k, V)
         logp = _freeze_finished(_ban(logp, history, config, specials, banned, non_final), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)

@@ -27,6 +27,20 @@ def test_unconstrained_images_decode_exactly_like_plain_beam(decoder, feats):
     assert [h.score for x in plain for h in x] == pytest.approx([h.score for x in empty for h in x], abs=1e-5)
 
 
+def test_guidance_steps_no_decoder_row_for_an_empty_group(decoder, feats, monkeypatch):
+    """An unconstrained photo's group 1 never holds a hypothesis, nor do the first step's copies of the start:
+    decoding steps the decoder on the rows plain beam search steps, not twice as many (the cost of the bundled
+    model's default decoding, which is guided, on the many photos with nothing recognised)."""
+    rows = []
+    step = type(decoder).step
+    monkeypatch.setattr(type(decoder), "step", lambda self, tokens, state: rows.append(len(tokens)) or step(self, tokens, state))
+    decode(decoder, feats, BEAM)
+    plain, rows[:] = list(rows), []
+    decode(decoder, feats, BEAM, constraints=[[] for _ in range(len(feats))])
+    assert rows == plain
+    assert plain[0] == len(feats)  # one live hypothesis per photo at the first step, not beam_size
+
+
 def test_every_guided_caption_contains_a_constraint_word(decoder, feats):
     plain = decode(decoder, feats, BEAM)
     # per image a word its plain captions never use: the constraint has to change something
