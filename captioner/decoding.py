@@ -157,8 +157,10 @@ def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specia
         windows = history.unfold(1, n, 1)  # (N, W, n)
         prefix = history[:, history.shape[1] - n + 1:]  # (N, n-1)
         match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, W)
-        hits = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype))
-        logp = logp.masked_fill(hits > 0, float("-inf"))
+        # -inf at each matching window's next token: a min-scatter of -inf (match) or +inf (no match, no change)
+        # over the windows, one operation on (N, W) where a mask of hits took three passes over (N, V)
+        fill = torch.full(match.shape, float("inf"), dtype=logp.dtype, device=logp.device).masked_fill_(match, float("-inf"))
+        logp.scatter_reduce_(1, windows[:, :, -1], fill, reduce="amin")
     return logp
 
 
@@ -381,12 +383,12 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
         cand_rank = cand if bonus is None else rank[..., None] + (logp.view(b, g, k, v)
                                                                   + _unused(bonus, history, (b, g, k, v)))
-        cand_len = (length + (~finished).long()).view(b, g, k, 1).expand(b, g, k, v)
+        cand_len = (length + (~finished).long()).view(b, g, k, 1)  # one length per row, whatever the next token
         rows, new_lp, new_rank, new_len, new_tok = [], [], [], [], []
         for pool in sources:  # each target group's new k beams
             c = _side_by_side(cand, pool)
             c_rank = c if bonus is None else _side_by_side(cand_rank, pool)
-            c_len = torch.cat([cand_len[:, src] for src, _ in pool], 1)  # (B, len(pool)*k, V)
+            c_len = torch.cat([cand_len[:, src] for src, _ in pool], 1)  # (B, len(pool)*k, 1)
             top = _penalised(c_rank, c_len, alpha).view(b, -1).topk(k, dim=-1).indices  # (B, k)
             slot, token = top // v, top % v
             src_group = torch.tensor([src for src, _ in pool], device=device)[slot // k]  # (B, k)
@@ -394,7 +396,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
             new_lp.append(c.view(b, -1).gather(1, top))
             if bonus is not None:
                 new_rank.append(c_rank.view(b, -1).gather(1, top))
-            new_len.append(c_len.reshape(b, -1).gather(1, top))
+            new_len.append(c_len.view(b, -1).gather(1, slot))
             new_tok.append(token)
         rows_t = torch.stack(rows, 1).view(-1)  # (B*g*k,) source hypothesis of each new beam
         logprob = torch.stack(new_lp, 1)  # (B, g, k)
