@@ -138,7 +138,7 @@ class Hypothesis:
 
 
 def _penalised(logprob: torch.Tensor, length: torch.Tensor, alpha: float) -> torch.Tensor:
-    return logprob / length.clamp(min=1).float() ** alpha
+    return logprob if alpha == 0 else logprob / length.clamp(min=1).float() ** alpha
 
 
 def _ban(logp: torch.Tensor, history: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
@@ -191,7 +191,7 @@ def _step_unfinished(decoder: CaptionDecoder, tokens: torch.Tensor, state: State
 def _freeze(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Finished rows may only continue with <pad>, at no cost; no host synchronisation (``greedy_static``)."""
     pad = logp[:, pad_id].masked_fill(finished, 0.0)
-    logp = logp.masked_fill(finished[:, None], float("-inf"))
+    logp.masked_fill_(finished[:, None], float("-inf"))  # in place: every caller's logp is its own fresh tensor
     logp[:, pad_id] = pad
     return logp
 
@@ -381,21 +381,22 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         logp = _freeze_finished(_ban(logp, history, config, specials, banned, non_final), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
-        cand_rank = cand if bonus is None else rank[..., None] + (logp.view(b, g, k, v)
-                                                                  + _unused(bonus, history, (b, g, k, v)))
+        # rank + (logp + bonus), summed in place into _unused's fresh tensor (the same sums: a + b == b + a)
+        cand_rank = cand if bonus is None else _unused(bonus, history, (b, g, k, v)).add_(
+            logp.view(b, g, k, v)).add_(rank[..., None])
         cand_len = (length + (~finished).long()).view(b, g, k, 1)  # one length per row, whatever the next token
         rows, new_lp, new_rank, new_len, new_tok = [], [], [], [], []
         for pool in sources:  # each target group's new k beams
             c = _side_by_side(cand, pool)
             c_rank = c if bonus is None else _side_by_side(cand_rank, pool)
             c_len = torch.cat([cand_len[:, src] for src, _ in pool], 1)  # (B, len(pool)*k, 1)
-            top = _penalised(c_rank, c_len, alpha).view(b, -1).topk(k, dim=-1).indices  # (B, k)
+            top = _penalised(c_rank, c_len, alpha).reshape(b, -1).topk(k, dim=-1).indices  # (B, k)
             slot, token = top // v, top % v
             src_group = torch.tensor([src for src, _ in pool], device=device)[slot // k]  # (B, k)
             rows.append((torch.arange(b, device=device)[:, None] * g + src_group) * k + slot % k)
-            new_lp.append(c.view(b, -1).gather(1, top))
+            new_lp.append(c.reshape(b, -1).gather(1, top))
             if bonus is not None:
-                new_rank.append(c_rank.view(b, -1).gather(1, top))
+                new_rank.append(c_rank.reshape(b, -1).gather(1, top))
             new_len.append(c_len.view(b, -1).gather(1, slot))
             new_tok.append(token)
         rows_t = torch.stack(rows, 1).view(-1)  # (B*g*k,) source hypothesis of each new beam
@@ -425,26 +426,28 @@ def _unused(bonus: torch.Tensor, history: torch.Tensor, shape: tuple[int, int, i
     Why once per word: the bonus rewards a caption for naming something specific; paid again on every use,
     it pays the beam to repeat a rare word ("murky murky water", "grocery grocery bags"), which the training
     captions all but never do (7 adjacent repeats in 30,000)."""
-    per_row = bonus.expand(shape).reshape(-1, shape[-1])  # (B*g*k, V), a copy
-    return (per_row.scatter(1, history, 0.0) if history.shape[1] else per_row).view(shape)
+    out = bonus.new_empty(shape).copy_(bonus.expand(shape))  # a fresh tensor the caller may add into
+    if history.shape[1]:
+        out.view(-1, shape[-1]).scatter_(1, history, 0.0)
+    return out
 
 
-def _side_by_side(cand: torch.Tensor, pool: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+def _side_by_side(cand: torch.Tensor, pool: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
     """(B, g, k, V) candidates -> (B, len(pool)*k, V): a target group's candidates, one block per (source group,
-    allowed tokens) pair of its pool, disallowed tokens at -inf."""
-    return torch.cat([cand[:, src].masked_fill(~allowed[:, None, :], float("-inf")) for src, allowed in pool], 1)
+    allowed tokens) pair of its pool, disallowed tokens at -inf (``allowed`` None: every token, no copy to mask)."""
+    blocks = [cand[:, src] if allowed is None else cand[:, src].masked_fill(~allowed[:, None, :], float("-inf"))
+              for src, allowed in pool]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
 
 def _group_sources(constraints: list[list[int]] | None, b: int, v: int,
-                   device: torch.device) -> list[list[tuple[int, torch.Tensor]]]:
-    """Per target group, where its candidates come from: (source group, (B, V)-broadcastable mask of
-    allowed next tokens). Plain search: group 0 from itself, any token. Constrained: group 0 from
-    itself without constraint words; group 1 from itself (any token) and from group 0 by a
-    constraint word."""
-    any_token = torch.ones(b, 1, dtype=torch.bool, device=device)
+                   device: torch.device) -> list[list[tuple[int, torch.Tensor | None]]]:
+    """Per target group, where its candidates come from: (source group, (B, V) mask of allowed next tokens, None
+    for any token). Plain search: group 0 from itself, any token. Constrained: group 0 from itself without
+    constraint words; group 1 from itself (any token) and from group 0 by a constraint word."""
     if constraints is None:
-        return [[(0, any_token)]]
+        return [[(0, None)]]
     hit = torch.zeros(b, v, dtype=torch.bool, device=device)  # (B, V): the image's constraint words
     for i, ids in enumerate(constraints):
         hit[i, ids] = True
-    return [[(0, ~hit)], [(1, any_token), (0, hit)]]
+    return [[(0, ~hit)], [(1, None), (0, hit)]]
