@@ -232,11 +232,35 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
         return _sample(decoder, features, config, specials, banned, non_final)
     if not config.specificity_levels:
         bonus = None if not config.specificity else config.specificity * rarity[None]
-        return _beam(decoder, features, config, specials, constraints, bonus, banned, non_final)
+        return _beam_split(decoder, features, config, specials, constraints, bonus, banned, non_final)
     levels = torch.tensor(config.specificity_levels, device=features.device, dtype=rarity.dtype)
     n = len(levels)
-    return _beam(decoder, features.repeat(n, 1), config, specials, None if constraints is None else constraints * n,
-                 levels.repeat_interleave(features.shape[0])[:, None] * rarity[None], banned, non_final)
+    return _beam_split(decoder, features.repeat(n, 1), config, specials,
+                       None if constraints is None else constraints * n,
+                       levels.repeat_interleave(features.shape[0])[:, None] * rarity[None], banned, non_final)
+
+
+def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
+                constraints: list[list[int]] | None, bonus: torch.Tensor | None, banned: torch.Tensor | None,
+                non_final: torch.Tensor | None) -> list[list[Hypothesis]]:
+    """``_beam``, the photos without a constraint word decoded apart as a plain beam search (one group of beams).
+
+    Why: a constrained search keeps two groups of beams per photo for the whole batch, and every step builds,
+    masks and ranks candidates for both, though an unconstrained photo never reaches group 1 and decodes as plain
+    beam search would (``tests/test_guidance.py``); with guidance on by default most photos have no recognised word."""
+    if constraints is None or all(constraints) or not any(constraints):
+        return _beam(decoder, features, config, specials, constraints if constraints and any(constraints) else None,
+                     bonus, banned, non_final)
+    out: list[list[Hypothesis]] = [[] for _ in constraints]
+    for rows, part in (([i for i, c in enumerate(constraints) if c], True),
+                       ([i for i, c in enumerate(constraints) if not c], False)):
+        index = torch.tensor(rows, device=features.device)
+        part_bonus = None if bonus is None else bonus if bonus.shape[0] == 1 else bonus[index]
+        found = _beam(decoder, features[index], config, specials, [constraints[i] for i in rows] if part else None,
+                      part_bonus, banned, non_final)
+        for i, hyps in zip(rows, found):
+            out[i] = hyps
+    return out
 
 
 def _finish(tokens: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,

@@ -10,6 +10,7 @@ import skimage.data
 import torch
 from torch import nn
 
+from captioner import decoding
 from captioner.api import Captioner
 from captioner.decoding import DecodeConfig, decode
 from captioner.encoder import Encoder
@@ -28,17 +29,31 @@ def test_unconstrained_images_decode_exactly_like_plain_beam(decoder, feats):
 
 
 def test_guidance_steps_no_decoder_row_for_an_empty_group(decoder, feats, monkeypatch):
-    """An unconstrained photo's group 1 never holds a hypothesis, nor do the first step's copies of the start:
-    decoding steps the decoder on the rows plain beam search steps, not twice as many (the cost of the bundled
-    model's default decoding, which is guided, on the many photos with nothing recognised)."""
+    """Empty beams are not stepped through the decoder: the first step's copies of the start, and a constrained
+    photo's group 1 until a recognised word is used (with every photo constrained, so nothing is decoded apart)."""
     rows = []
     step = type(decoder).step
     monkeypatch.setattr(type(decoder), "step", lambda self, tokens, state: rows.append(len(tokens)) or step(self, tokens, state))
     decode(decoder, feats, BEAM)
-    plain, rows[:] = list(rows), []
-    decode(decoder, feats, BEAM, constraints=[[] for _ in range(len(feats))])
-    assert rows == plain
-    assert plain[0] == len(feats)  # one live hypothesis per photo at the first step, not beam_size
+    assert rows[0] == len(feats)  # one live hypothesis per photo at the first step, not beam_size
+    rows[:] = []
+    decode(decoder, feats, BEAM, constraints=[[4] for _ in range(len(feats))])
+    assert rows[0] == len(feats)  # not 2 groups x beam_size per photo
+
+
+def test_unconstrained_photos_of_a_guided_batch_decode_apart_as_plain_beam(decoder, feats, monkeypatch):
+    """In a batch where some photos have a recognised word and some none, the others run as a plain beam search
+    (one group of beams, no masks) and every photo's captions are those it gets alone."""
+    words = [[5], [], [7, 8], [], [], [9]]
+    calls = []
+    beam = decoding._beam
+    monkeypatch.setattr(decoding, "_beam", lambda *a: calls.append((len(a[1]), a[4])) or beam(*a))
+    mixed = decode(decoder, feats, BEAM, constraints=words)
+    assert calls == [(3, [[5], [7, 8], [9]]), (3, None)]  # the constrained photos, then the others
+    for i, w in enumerate(words):
+        alone = decode(decoder, feats[i:i + 1], BEAM, constraints=[w] if w else None)[0]
+        assert [h.tokens for h in mixed[i]] == [h.tokens for h in alone]
+        assert [h.score for h in mixed[i]] == pytest.approx([h.score for h in alone], abs=1e-5)
 
 
 def test_every_guided_caption_contains_a_constraint_word(decoder, feats):
