@@ -252,12 +252,12 @@ def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeC
         return _beam(decoder, features, config, specials, constraints if constraints and any(constraints) else None,
                      bonus, banned, non_final)
     out: list[list[Hypothesis]] = [[] for _ in constraints]
-    for rows, part in (([i for i, c in enumerate(constraints) if c], True),
-                       ([i for i, c in enumerate(constraints) if not c], False)):
+    for constrained in (True, False):
+        rows = [i for i, c in enumerate(constraints) if bool(c) == constrained]
         index = torch.tensor(rows, device=features.device)
         part_bonus = None if bonus is None else bonus if bonus.shape[0] == 1 else bonus[index]
-        found = _beam(decoder, features[index], config, specials, [constraints[i] for i in rows] if part else None,
-                      part_bonus, banned, non_final)
+        found = _beam(decoder, features[index], config, specials,
+                      [constraints[i] for i in rows] if constrained else None, part_bonus, banned, non_final)
         for i, hyps in zip(rows, found):
             out[i] = hyps
     return out
@@ -396,10 +396,8 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     bonus = None if bonus is None else bonus.view(-1, 1, 1, bonus.shape[-1])
     rank = logprob
     for _ in range(config.max_len):
-        # Empty slots (logprob -inf: the first step's copies of the start, a constrained group no hypothesis has
-        # reached yet, which is every image's group 1 when no word is recognised) are not stepped: whatever their
-        # placeholder log-probs, their candidates stay at -inf. Guided decoding of an unconstrained photo would
-        # otherwise run twice the decoder rows it needs.
+        # Empty slots (logprob -inf: the first step's copies of the start, a photo's group 1 until its recognised
+        # word is used) are not stepped: whatever their placeholder log-probs, their candidates stay at -inf.
         empty = logprob.view(-1) == float("-inf")
         logp, state = _step_unfinished(decoder, prev, state, finished | empty)  # (B*g*k, V)
         logp = _freeze_finished(_ban(logp, history, config, specials, banned, non_final), finished, specials.pad)
