@@ -244,7 +244,8 @@ def score_split(captioner: "Captioner", data_dir: Path, split: str, threshold: f
         tag_prob: list[float] = []
         for i in range(0, len(records), config.batch_size):
             feats = cache.gather([r.id for r in records[i:i + config.batch_size]])  # (B, D)
-            batch = [[n[0]] for n in captioner.generate(feats, decode)]
+            # the signals are computed here, once: not the confidence of the calibration being replaced
+            batch = [[n[0]] for n in captioner.generate(feats, decode, confidence=False)]
             if "match" in names:
                 fill_match(captioner.matcher, batch, feats, captioner.vocab)
             best += batch

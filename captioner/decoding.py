@@ -248,9 +248,10 @@ def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeC
     Why: a constrained search keeps two groups of beams per photo for the whole batch, and every step builds,
     masks and ranks candidates for both, though an unconstrained photo never reaches group 1 and decodes as plain
     beam search would (``tests/test_guidance.py``); with guidance on by default most photos have no recognised word."""
-    if constraints is None or all(constraints) or not any(constraints):
-        return _beam(decoder, features, config, specials, constraints if constraints and any(constraints) else None,
-                     bonus, banned, non_final)
+    if constraints is not None and not any(constraints):
+        constraints = None
+    if constraints is None or all(constraints):
+        return _beam(decoder, features, config, specials, constraints, bonus, banned, non_final)
     out: list[list[Hypothesis]] = [[] for _ in constraints]
     for constrained in (True, False):
         rows = [i for i, c in enumerate(constraints) if bool(c) == constrained]

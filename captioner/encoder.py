@@ -227,11 +227,11 @@ class Encoder(nn.Module):
             try:
                 traced = torch.fx.symbolic_trace(self.backbone)
             except Exception:  # noqa: BLE001 -- torch.fx raises several types for code it cannot trace
-                backbone = self.backbone
+                backbone = self.backbone  # unfolded, in the layout for_inference gave it
             else:
                 backbone = fuse(traced, no_trace=True)  # a deep copy: the real layers stay as they are
-            if tensors and tensors[0].device.type == "cpu":
-                backbone = backbone.to(memory_format=torch.channels_last)
+                if tensors and tensors[0].device.type == "cpu":
+                    backbone = backbone.to(memory_format=torch.channels_last)
             self.__dict__["_folded"] = cached = (key(tensors), nn.Sequential(backbone, nn.Flatten(1)), tensors)
         return cached[1]
 
