@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from nltk.translate.bleu_score import brevity_penalty, closest_ref_length, modified_precision
-
 Refs = dict[int, list[list[str]]]
 Hyps = dict[int, list[str]]
 
@@ -53,6 +51,9 @@ def bleu(refs: Refs, hyps: Hyps) -> dict[str, float]:
     contributes exactly ``max(0, L - n + 1)`` n-grams. BLEU-n is exactly 0 when some order up to n
     has no match (a geometric mean with a zero factor) instead of nltk's warning plus a ~1e-77 value.
     """
+    # nltk on first use, not on import: its package import pulls scipy.stats (``tokenizer._treebank``)
+    from nltk.translate.bleu_score import brevity_penalty, closest_ref_length, modified_precision
+
     _check_inputs(refs, hyps)
     matches = [0] * BLEU_ORDERS
     totals = [0] * BLEU_ORDERS

@@ -11,15 +11,23 @@ inside a token (Treebank only splits the final one) are stripped.
 
 from __future__ import annotations
 
-from nltk.tokenize import TreebankWordTokenizer
+import functools
 
-_TREEBANK = TreebankWordTokenizer()
+
+@functools.cache
+def _treebank():
+    """NLTK's tokenizer, made on first use. Why not on import: importing any part of nltk runs its package
+    ``__init__``, which imports scipy.stats (~1.2 s of the ~6 s a `captioner caption` run takes to start on the
+    2-core CPU), and captioning photos never tokenises; training, evaluation and scoring do."""
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
 
 
 def tokenize(text: str) -> list[str]:
     """Split a caption into lowercase word tokens without punctuation."""
     tokens = []
-    for token in _TREEBANK.tokenize(text.lower()):
+    for token in _treebank().tokenize(text.lower()):
         token = token.rstrip(".")
         if any(ch.isalnum() for ch in token):
             tokens.append(token)
