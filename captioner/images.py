@@ -8,6 +8,7 @@ decompression-bomb guard turned into an error instead of a warning.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
@@ -23,7 +24,11 @@ from .fetch import FetchConfig, fetch_image, is_url
 # a str may also be an http(s) URL; bytes are an image file's contents (an upload, a download, a database blob)
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 BYTES = (bytes, bytearray, memoryview)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+# ISO BMFF brands (bytes 8-12 of an "ftyp" box) of HEVC-coded HEIF: what iPhones save photos as since iOS 11
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+AVIF_BRANDS = (b"avif", b"avis")
+HEIF_INSTALL = "pip install pillow-heif"
 
 
 def describe(src: ImageSource) -> str:
@@ -33,6 +38,44 @@ def describe(src: ImageSource) -> str:
     if isinstance(src, BYTES):
         return f"<{src.nbytes if isinstance(src, memoryview) else len(src)} bytes>"
     return f"<{type(src).__name__}>"
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow, once, when the first such photo arrives; whether it
+    is installed. Why optional, not a dependency: its wheel bundles libheif and libde265 (LGPL) and the x265
+    encoder (GPL), and most photos are not HEIC; why lazily: JPEG and PNG never pay for the import."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _open(stream: Path | io.BytesIO, name: str) -> Image.Image:
+    """``Image.open``, which also reads HEIC/HEIF photos when pillow-heif is installed, and says what is missing
+    when a photo's format is one this Pillow cannot read (HEIC without pillow-heif, AVIF on an old Pillow)."""
+    try:
+        return Image.open(stream)
+    except UnidentifiedImageError:
+        if isinstance(stream, io.BytesIO):
+            head = stream.getvalue()[:12]
+        else:
+            with stream.open("rb") as f:
+                head = f.read(12)
+        brand = head[8:12] if head[4:8] == b"ftyp" else b""
+        if brand in AVIF_BRANDS and not features.check("avif"):
+            raise ImageLoadError(name, "an AVIF image, and this Pillow cannot read AVIF (Pillow 11.3 or later "
+                                       "can: pip install -U pillow)") from None
+        if brand not in HEIF_BRANDS:
+            raise
+        if not _heif_opener():
+            raise ImageLoadError(name, f"a HEIC/HEIF photo (the iPhone's format): reading it needs pillow-heif "
+                                       f"({HEIF_INSTALL})") from None
+        if isinstance(stream, io.BytesIO):
+            stream.seek(0)
+        return Image.open(stream)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -86,6 +129,10 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     Other formats, images smaller than 2x ``min_side`` and PIL/numpy inputs are unaffected. The
     decompression-bomb guard still judges the full stored size (Pillow checks it when opening, before
     any draft): whether a file is refused does not depend on who asks for it.
+
+    HEIC/HEIF photos (iPhones) are read when the optional pillow-heif is installed (``_open``); it applies the
+    file's own rotation and resets the EXIF orientation, so nothing is turned twice. Without it, or for AVIF on
+    a Pillow without AVIF, the error says what to install.
     """
     name = describe(src)
     try:
@@ -114,7 +161,7 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                         raise ImageLoadError(name, "file not found")
                     if stream.stat().st_size == 0:
                         raise ImageLoadError(name, "empty file (0 bytes)")
-                with Image.open(stream) as opened:
+                with _open(stream, name) as opened:
                     opened.seek(0)  # animated GIF/WebP/PNG: the first frame
                     if min_side:
                         opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO
@@ -131,4 +178,4 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not an image (Pillow cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageLoadError(name, f"unreadable or corrupt image ({err})") from None
+        raise ImageLoadError(name, f"unreadable or corrupt image ({str(err).strip()})") from None

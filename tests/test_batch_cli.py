@@ -251,3 +251,20 @@ def test_num_return_above_beam_size_is_a_usage_error(trained_run, tmp_path, caps
     good = good_folder(tmp_path / "photos", 1)
     code, _, err = caption(capsys, trained_run, *good, "--strategy", "beam", "--beam-size", "2", "--num-return", "3")
     assert code == 2 and "num_return (3) cannot exceed beam_size (2)" in err
+
+
+def test_a_folder_of_iphone_photos_is_captioned_heic_included(trained_run, tmp_path, capsys):
+    """HEIC is what an iPhone library holds: a folder scan must find .heic/.HEIC files, not skip them silently,
+    and caption them as it captions the same photo saved as JPEG."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    folder = tmp_path / "iphone"
+    folder.mkdir()
+    photo = draw("blue", "circle", "black", size=300, seed=3)
+    photo.save(folder / "IMG_0001.jpg", quality=95)
+    pillow_heif.from_pillow(photo).save(folder / "IMG_0002.HEIC", quality=95)
+    out = tmp_path / "out.jsonl"
+    code, _, err = caption(capsys, trained_run, folder, "-o", out)
+    assert code == 0, err
+    rows = jsonl(out)
+    assert [Path(r["path"]).name for r in rows] == ["IMG_0001.jpg", "IMG_0002.HEIC"]
+    assert rows[0]["caption"] == rows[1]["caption"]

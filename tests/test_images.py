@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from captioner.api import Captioner
+from captioner import images
 from captioner.images import ImageLoadError, load_image
 from conftest import draw
 
@@ -293,3 +296,62 @@ def test_file_descriptors_are_not_leaked(good, bad):
             with pytest.raises(ImageLoadError):
                 load_image(bad[name])
     assert len(os.listdir(fd_dir)) <= before + 2
+
+
+# --- HEIC / HEIF (iPhone photos) ---------------------------------------------------------------------------------
+
+
+def heic_file(path: Path) -> Path:
+    """A HEIC photo as an iPhone stores a portrait shot: pixels stored landscape, a rotation in the file, EXIF
+    orientation 6. Stored: red top-left quadrant on black, 80x60."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    arr = np.zeros((60, 80, 3), np.uint8)
+    arr[:30, :40] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    pillow_heif.from_pillow(Image.fromarray(arr)).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_heic_photo_loads_upright_once_from_a_file_and_from_bytes(tmp_path):
+    path = heic_file(tmp_path / "IMG_0001.HEIC")
+    for src in (path, path.read_bytes()):
+        img = load_image(src)
+        assert img.mode == "RGB" and img.size == (60, 80)  # turned a quarter, not twice (that would be 80x60)
+        r, g, b = img.getpixel((50, 10))  # the red quadrant is now top-right
+        assert r > 200 and g < 60 and b < 60
+        assert max(img.getpixel((10, 10))) < 60
+
+
+HEIF_ABSENT = """
+import sys
+sys.modules["pillow_heif"] = None  # as if not installed
+from captioner.images import ImageLoadError, load_image
+try:
+    load_image(sys.argv[1])
+except ImageLoadError as err:
+    print(err)
+"""
+
+
+def test_heic_without_pillow_heif_names_the_file_and_what_to_install(tmp_path):
+    path = heic_file(tmp_path / "IMG_0002.heic")
+    done = subprocess.run([sys.executable, "-c", HEIF_ABSENT, str(path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert str(path) in done.stdout and "HEIC" in done.stdout and "pip install pillow-heif" in done.stdout
+
+
+def test_avif_on_a_pillow_without_avif_says_so(tmp_path, monkeypatch):
+    """An AVIF file a Pillow without AVIF cannot identify gets a message naming the format and the fix, not 'not
+    an image'; with AVIF support a real AVIF loads (Pillow's wheels have it since 11.3)."""
+    if features.check("avif"):
+        Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "real.avif")
+        assert load_image(tmp_path / "real.avif").size == (40, 30)
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "photo.png")
+    path = tmp_path / "photo.avif"
+    path.write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 200)  # an AVIF header, nothing any Pillow reads
+    monkeypatch.setattr(images.features, "check", lambda feature: feature != "avif")
+    with pytest.raises(ImageLoadError, match="photo.avif: an AVIF image.*pip install -U pillow"):
+        load_image(path)
+    assert load_image(tmp_path / "photo.png").size == (40, 30)  # other formats are not affected
