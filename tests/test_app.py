@@ -141,3 +141,13 @@ def test_browser_bad_then_good_upload(app_server, bad_image, good_image, tmp_pat
     if os.environ.get("CAPTIONER_SAVE_SCREENSHOT"):
         (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, ROOT / "docs" / "screenshots" / "app.png")
+
+
+def test_an_iphone_heic_upload_is_captioned(app_server, good_image, tmp_path) -> None:
+    """Phones upload HEIC: the app reads it with the one loader (pillow-heif), as the API does the same file."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    heic = tmp_path / "IMG_0003.HEIC"
+    with Image.open(good_image) as img:
+        pillow_heif.from_pillow(img.convert("RGB")).save(heic, quality=95)
+    best, _, _ = client(app_server.url).predict(handle_file(str(heic)), *BEAM3, api_name="/caption")
+    assert best.strip() and best == app_server.captioner.caption(str(heic), strategy="beam", beam_size=3)
