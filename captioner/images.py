@@ -53,9 +53,11 @@ def _heif_opener() -> bool:
     return True
 
 
-def _open(stream: Path | io.BytesIO, name: str) -> Image.Image:
+def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
     """``Image.open``, which also reads HEIC/HEIF photos when pillow-heif is installed, and says what is missing
-    when a photo's format is one this Pillow cannot read (HEIC without pillow-heif, AVIF on an old Pillow)."""
+    when a photo's format is one this Pillow cannot read (HEIC without pillow-heif, AVIF on an old Pillow): the
+    one opener of ``load_image`` and of ``metadata`` (which needs a photo's format where nothing decoded it before,
+    as on a Ray driver). ``name`` names the photo in the ``ImageLoadError``."""
     try:
         return Image.open(stream)
     except UnidentifiedImageError:
@@ -130,7 +132,7 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     decompression-bomb guard still judges the full stored size (Pillow checks it when opening, before
     any draft): whether a file is refused does not depend on who asks for it.
 
-    HEIC/HEIF photos (iPhones) are read when the optional pillow-heif is installed (``_open``); it applies the
+    HEIC/HEIF photos (iPhones) are read when the optional pillow-heif is installed (``open_image``); it applies the
     file's own rotation and resets the EXIF orientation, so nothing is turned twice. Without it, or for AVIF on
     a Pillow without AVIF, the error says what to install.
     """
@@ -161,7 +163,7 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                         raise ImageLoadError(name, "file not found")
                     if stream.stat().st_size == 0:
                         raise ImageLoadError(name, "empty file (0 bytes)")
-                with _open(stream, name) as opened:
+                with open_image(stream, name) as opened:
                     opened.seek(0)  # animated GIF/WebP/PNG: the first frame
                     if min_side:
                         opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO

@@ -38,7 +38,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import ImageLoadError
 from .fetch import is_url
+from .images import open_image
 
 KINDS = ("xmp", "exif", "iptc", "sidecar")
 EMBEDDED = {"JPEG": ("xmp", "exif", "iptc"), "PNG": ("xmp", "exif"), "WEBP": ("xmp", "exif")}
@@ -139,18 +141,20 @@ class MetadataWriter:
 def _write_embedded(path: Path, caption: str, kinds: list[str], dry_run: bool, overwrite: bool) -> list[Outcome]:
     """One read, one atomic replace for all embedded kinds of a photo."""
     import pyexiv2
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     name = str(path)
     real = Path(os.path.realpath(path))
     fail = lambda message: [Outcome(k, name, "error", message) for k in kinds]  # noqa: E731
     try:
         st = real.stat()
-        with Image.open(real) as im:
+        with open_image(real, name) as im:  # a HEIC's format too, where nothing has decoded one in this process
             fmt = im.format
         data = real.read_bytes()
     except FileNotFoundError:
         return fail("file vanished before its caption could be written")
+    except ImageLoadError as err:
+        return fail(err.reason)
     except (UnidentifiedImageError, OSError) as err:
         return fail(f"cannot read the photo ({err.__class__.__name__}: {err})")
     supported = EMBEDDED.get(fmt or "", ())

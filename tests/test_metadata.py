@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -290,3 +291,24 @@ def test_caption_command_dry_run_and_skip_then_overwrite(trained_run, tmp_path, 
 def test_dry_run_without_write_metadata_is_refused(trained_run, tmp_path, capsys):
     code, _, err = caption(capsys, trained_run, photo(tmp_path / "a.jpg"), "--dry-run")
     assert code == 2 and "--write-metadata" in err
+
+
+HEIC_METADATA = """
+import sys
+from captioner.metadata import write_caption
+print(write_caption(sys.argv[1], "a dog runs", ["xmp"])[0].status)
+"""
+
+
+def test_heic_embedded_kinds_are_unsupported_with_the_sidecar_hint_even_where_nothing_decoded_it(tmp_path):
+    """A Ray driver writes metadata for photos its actors decoded: in that process no HEIC was opened before, and
+    the photo must still be recognised (unsupported: use sidecar), not reported unreadable."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    photo = tmp_path / "IMG_0004.HEIC"
+    pillow_heif.from_pillow(draw("red", "square", "white")).save(photo, quality=90)
+    done = subprocess.run([sys.executable, "-c", HEIC_METADATA, str(photo)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "unsupported"
+    outcome = write_caption(photo, "a dog runs", ["xmp"])[0]
+    assert outcome.status == "unsupported" and "sidecar" in outcome.message
