@@ -64,9 +64,13 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     """A bundled model's name (``fast``, ...) or a checkpoint directory -> the directory; None -> the default."""
     if name_or_path is None:
         return default_checkpoint()
-    if str(name_or_path) in MODELS and not Path(name_or_path).exists():
+    path = Path(name_or_path)
+    if str(name_or_path) in MODELS and not path.exists():
         return bundled_checkpoints() / MODELS[str(name_or_path)]
-    return Path(name_or_path)
+    if not path.exists() and not {"/", os.sep} & set(str(name_or_path)):  # a bare word: a misspelt model name?
+        raise CheckpointError(f"{name_or_path}: neither a checkpoint directory nor a bundled model's name "
+                              f"({', '.join(MODELS)})")
+    return path
 
 
 @dataclass

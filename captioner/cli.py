@@ -250,7 +250,8 @@ def _add_decode_args(p) -> None:
                       {"seed": int, "specificity_levels": _numbers(float)})
     p.add_argument("--max-len", type=int, help="longest caption (default: the model's)")
     p.add_argument("--allow-unk", action="store_true", help="let <unk> appear in captions")
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint",
+                   help="checkpoint directory or a bundled model's name (fast); default: the bundled model")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")

@@ -113,3 +113,16 @@ def test_bundled_model_captions_do_not_end_on_a_dangling_word() -> None:
 
     assert dangling(0.0)  # without the rule some n-best caption of these photos ends on one
     assert dangling(cap.decode_config().min_end_rate) == []
+
+
+def test_the_fast_model_by_name_on_the_command_line(capsys) -> None:
+    """Issue 13 asks for the fast model by name on the command line as ``--model`` (``--checkpoint`` reads a name
+    too); a misspelt name lists the bundled names instead of claiming a missing directory."""
+    import skimage
+
+    photo = str(Path(skimage.__file__).parent / "data" / "chelsea.png")
+    assert main(["caption", photo, "--model", "fast", "--strategy", "greedy"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["caption"] == Captioner.from_pretrained("fast").caption(photo, strategy="greedy")
+    assert main(["caption", photo, "--model", "fats"]) == 2
+    assert "fats: neither a checkpoint directory nor a bundled model's name (fast)" in capsys.readouterr().err
