@@ -27,25 +27,29 @@ CSV_FIELDS = ("path", "caption", "score", "logprob", "error", "confidence", "rev
 
 @dataclass
 class Inputs:
-    """Expanded inputs: image files to caption, and arguments that matched nothing."""
+    """Expanded inputs: image files to caption, and the arguments that gave none, with why."""
 
     files: list[str]
-    missing: list[str]
+    missing: dict[str, str]  # argument -> why it gave no image file
     ignored: int  # files in folders without an image extension
 
 
 def expand_inputs(items: Iterable[str]) -> Inputs:
     """Files as given; folders recursively (image extensions only); glob patterns expanded; URLs as given
-    (never globbed: ``?`` is common in them; the download's errors become the URL's error row)."""
-    files, missing, ignored = [], [], 0
+    (never globbed: ``?`` is common in them; the download's errors become the URL's error row). A folder without
+    any image file is reported, not passed over: it is a wrong folder, or photos in a format not read here."""
+    files: list[str] = []
+    missing: dict[str, str] = {}
+    ignored = 0
     for item in items:
         if is_url(item):
             files.append(item)
             continue
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
         if not matches or not all(os.path.exists(m) for m in matches):
-            missing.append(item)
+            missing[item] = "no such file or folder (or the pattern matched nothing)"
             continue
+        found, others = len(files), ignored
         for m in matches:
             if os.path.isdir(m):
                 for root, dirs, names in os.walk(m):
@@ -58,6 +62,9 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
                             ignored += 1
             else:
                 files.append(m)
+        if len(files) == found:  # only folders, and no image file in them
+            missing[item] = (f"{'a folder' if os.path.isdir(item) else 'only folders'} without image files "
+                             f"({ignored - others} other file(s); read here: {' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()
     return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored)
 
@@ -202,7 +209,7 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     sink = Sink(out, fmt, resume)
     ids = image_ids(inputs.files, data_dir) if fmt == "coco" else {}
     todo = [p for p in inputs.files if p not in sink.done]
-    failures = [{"path": m, "error": "no such file or folder (or the pattern matched nothing)"} for m in inputs.missing]
+    failures = [{"path": m, "error": why} for m, why in inputs.missing.items()]
     bar = tqdm(total=len(todo), desc="captioning", unit="img", mininterval=1, disable=out is None)
     complete = False
     try:
