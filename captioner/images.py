@@ -80,6 +80,35 @@ def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
         return Image.open(stream)
 
 
+def _open_first_frame(stream: Path | io.BytesIO, name: str, min_side: int | None) -> Image.Image:
+    """``open_image`` at the first frame (animated GIF/WebP/PNG), a JPEG drafted to ``min_side`` (``load_image``).
+
+    Pillow refuses from the header what it would decode to more than twice ``Image.MAX_IMAGE_PIXELS`` (179 MP by
+    default) and warns above once, which ``load_image`` turns into a refusal. A JPEG in between (a 108 MP phone
+    photo, a long panorama) is read when its draft brings it under the limit (a 108 MP photo decodes at 1/8 scale,
+    1.7 MP), as the memory and time a bomb would cost are the decoded pixels'; any other format, or a caller that
+    wants every pixel (no ``min_side``), is refused as before."""
+    try:
+        opened = open_image(stream, name)
+    except Image.DecompressionBombWarning:
+        if not min_side:
+            raise
+        if isinstance(stream, io.BytesIO):
+            stream.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = open_image(stream, name)
+        opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO
+        if opened.format not in ("JPEG", "MPO") or opened.width * opened.height > Image.MAX_IMAGE_PIXELS:
+            opened.close()
+            raise
+        return opened
+    opened.seek(0)
+    if min_side:
+        opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO
+    return opened
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any mode to 8-bit RGB; transparency is composited on white, 16-bit scaled down."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -129,8 +158,9 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     (one 4000x3000 JPEG on this project's 2-core CPU: 148 ms full decode + resize, 21 ms drafted). The
     scale is the same for both sides, so EXIF orientation, applied afterwards, does not change it.
     Other formats, images smaller than 2x ``min_side`` and PIL/numpy inputs are unaffected. The
-    decompression-bomb guard still judges the full stored size (Pillow checks it when opening, before
-    any draft): whether a file is refused does not depend on who asks for it.
+    decompression-bomb guard judges the full stored size (Pillow checks it when opening, before any draft),
+    except that a JPEG between Pillow's warning and error limits is read when drafted under the warning limit
+    (``_open_first_frame``: 108 MP phone photos).
 
     HEIC/HEIF photos (iPhones) are read when the optional pillow-heif is installed (``open_image``); it applies the
     file's own rotation and resets the EXIF orientation, so nothing is turned twice. Without it, or for AVIF on
@@ -163,10 +193,7 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                         raise ImageLoadError(name, "file not found")
                     if stream.stat().st_size == 0:
                         raise ImageLoadError(name, "empty file (0 bytes)")
-                with open_image(stream, name) as opened:
-                    opened.seek(0)  # animated GIF/WebP/PNG: the first frame
-                    if min_side:
-                        opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO
+                with _open_first_frame(stream, name, min_side) as opened:
                     opened.load()
                     img = opened.copy()
             img = ImageOps.exif_transpose(img)

@@ -128,3 +128,23 @@ def test_bomb_limit_judges_the_full_size_not_the_drafted_one(tmp_path, monkeypat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 3 Mpixel > 2x the limit: refused
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_image(path, min_side=256)  # although its 1/4 draft (500x375) would be tiny
+
+
+def test_a_jpeg_between_the_warning_and_error_limits_is_read_drafted_only(tmp_path, monkeypatch):
+    """A 108 MP phone photo lies between Pillow's bomb warning (89 MP) and error (179 MP) limits: read when its
+    draft is under the limit, as its decoded pixels are what a bomb would cost. Scaled down here: limit 1 MP, a
+    1.92 MP JPEG (1/4 draft: 400x300). Every pixel asked for, or another format, is refused as before."""
+    big = tmp_path / "phone.jpg"
+    Image.new("RGB", (1600, 1200), (10, 120, 200)).save(big, quality=90)
+    png = tmp_path / "phone.png"
+    Image.new("RGB", (1600, 1200), (10, 120, 200)).save(png)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    for src in (big, big.read_bytes()):
+        img = load_image(src, min_side=256)
+        assert img.size == (400, 300) and img.getpixel((200, 150)) == pytest.approx((10, 120, 200), abs=3)
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(big)  # no draft: every pixel
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(png, min_side=256)  # PNG has no reduced decode
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(big, min_side=1000)  # no draft reaches 1000 px a side: decoded whole, over the limit
