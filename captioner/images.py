@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import features as pil_features  # not captioner.features
 
 from .errors import ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
@@ -67,7 +68,7 @@ def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
             with stream.open("rb") as f:
                 head = f.read(12)
         brand = head[8:12] if head[4:8] == b"ftyp" else b""
-        if brand in AVIF_BRANDS and not features.check("avif"):
+        if brand in AVIF_BRANDS and not pil_features.check("avif"):
             raise ImageLoadError(name, "an AVIF image, and this Pillow cannot read AVIF (Pillow 11.3 or later "
                                        "can: pip install -U pillow)") from None
         if brand not in HEIF_BRANDS:

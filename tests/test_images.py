@@ -351,7 +351,7 @@ def test_avif_on_a_pillow_without_avif_says_so(tmp_path, monkeypatch):
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "photo.png")
     path = tmp_path / "photo.avif"
     path.write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 200)  # an AVIF header, nothing any Pillow reads
-    monkeypatch.setattr(images.features, "check", lambda feature: feature != "avif")
+    monkeypatch.setattr(images.pil_features, "check", lambda feature: feature != "avif")
     with pytest.raises(ImageLoadError, match="photo.avif: an AVIF image.*pip install -U pillow"):
         load_image(path)
     assert load_image(tmp_path / "photo.png").size == (40, 30)  # other formats are not affected
