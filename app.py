@@ -1,4 +1,4 @@
-"""Gradio demo: ``python app.py [--checkpoint DIR] [--device auto] [--host 127.0.0.1] [--port 7860] [--share]``.
+"""Gradio demo: ``python app.py [--checkpoint DIR | --model NAME] [--device auto] [--host 127.0.0.1] [--port 7860] [--share]``.
 
 A thin UI over ``captioner.Captioner``: the model is loaded once at start and every request goes
 through the same loader, preprocessing and decoder as the CLI, so the demo shows exactly what the
@@ -287,8 +287,9 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: boo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Gradio demo of the CNN + LSTM image captioner.")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint directory (default: $CAPTIONER_CHECKPOINT or the bundled model)")
+    parser.add_argument("--checkpoint", "--model", type=Path, default=None, dest="checkpoint",
+                        help="checkpoint directory or a bundled model's name (fast); default: $CAPTIONER_CHECKPOINT "
+                             "or the bundled model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (0.0.0.0 exposes the demo to the network)")

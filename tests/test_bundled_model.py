@@ -126,3 +126,8 @@ def test_the_fast_model_by_name_on_the_command_line(capsys) -> None:
     assert row["caption"] == Captioner.from_pretrained("fast").caption(photo, strategy="greedy")
     assert main(["caption", photo, "--model", "fats"]) == 2
     assert "fats: neither a checkpoint directory nor a bundled model's name (fast)" in capsys.readouterr().err
+    import app  # the demo takes the same flag (nothing is served when the model cannot be loaded)
+    assert Captioner.from_pretrained(app.build_parser().parse_args(["--model", "fast"]).checkpoint).caption(
+        photo, strategy="greedy") == row["caption"]
+    assert app.main(["--model", "fats"]) == 2
+    assert "fats: neither a checkpoint directory" in capsys.readouterr().err
