@@ -20,6 +20,8 @@ from .fetch import is_url
 from .images import IMAGE_EXTENSIONS
 from .manifest import load_manifest
 from .metadata import MetadataWriter
+from .raw import RAW_INSTALL, is_raw
+from .raw import available as raw_readable
 
 FORMATS = ("jsonl", "csv", "coco")
 CSV_FIELDS = ("path", "caption", "score", "logprob", "error", "confidence", "review")
@@ -32,15 +34,18 @@ class Inputs:
     files: list[str]
     missing: dict[str, str]  # argument -> why it gave no image file
     ignored: int  # files in folders without an image extension
+    unread_raw: int = 0  # camera RAW files in folders, passed over: rawpy is not installed
 
 
 def expand_inputs(items: Iterable[str]) -> Inputs:
     """Files as given; folders recursively (image extensions only); glob patterns expanded; URLs as given
     (never globbed: ``?`` is common in them; the download's errors become the URL's error row). A folder without
-    any image file is reported, not passed over: it is a wrong folder, or photos in a format not read here."""
+    any image file is reported, not passed over: it is a wrong folder, or photos in a format not read here.
+    Camera RAW files in folders are read when rawpy is installed, else counted (``unread_raw``) and left out: a
+    RAW+JPEG folder is still captioned through its JPEGs, and a named RAW file gets the error saying what to install."""
     files: list[str] = []
     missing: dict[str, str] = {}
-    ignored = 0
+    ignored = unread_raw = 0
     for item in items:
         if is_url(item):
             files.append(item)
@@ -49,24 +54,29 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         if not matches or not all(os.path.exists(m) for m in matches):
             missing[item] = "no such file or folder (or the pattern matched nothing)"
             continue
-        found, others = len(files), ignored
+        found, others, raws = len(files), ignored, unread_raw
         for m in matches:
             if os.path.isdir(m):
                 for root, dirs, names in os.walk(m):
                     dirs.sort()
                     for name in sorted(names):
                         path = os.path.join(root, name)
-                        if name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(path):
+                        if os.path.isdir(path):
+                            ignored += 1
+                        elif name.lower().endswith(IMAGE_EXTENSIONS) or (is_raw(name) and raw_readable()):
                             files.append(path)
+                        elif is_raw(name):
+                            unread_raw += 1
                         else:
                             ignored += 1
             else:
                 files.append(m)
         if len(files) == found:  # only folders, and no image file in them
+            raw_note = f"; {unread_raw - raws} camera RAW file(s), read with rawpy: {RAW_INSTALL}" if unread_raw > raws else ""
             missing[item] = (f"{'a folder' if os.path.isdir(item) else 'only folders'} without image files "
-                             f"({ignored - others} other file(s); read here: {' '.join(IMAGE_EXTENSIONS)})")
+                             f"({ignored - others} other file(s){raw_note}; read here: {' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()
-    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored)
+    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored, unread_raw)
 
 
 def infer_format(out: Path | None, fmt: str | None) -> str:
@@ -230,5 +240,6 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     failures += metadata.failures() if metadata is not None else []
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
             "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored,
+            "unread_raw": inputs.unread_raw,
             "review": sum(r.get("review") in (True, "True") for r in sink.done.values()),  # CSV rows read back: str
             "records": [*sink.done.values(), *failures[:len(inputs.missing)]]}  # every input once, for --html

@@ -342,6 +342,10 @@ def cmd_caption(args) -> int:
         print(line, file=sys.stderr)
     for failure in summary["failed"]:
         print(f"error: {failure['path']}: {failure['error']}", file=sys.stderr)
+    if summary["unread_raw"]:
+        from captioner.raw import RAW_INSTALL
+        print(f"note: {summary['unread_raw']} camera RAW file(s) in the folders were not captioned: reading them "
+              f"needs rawpy ({RAW_INSTALL})", file=sys.stderr)
     print(f"captioned {summary['captioned']} of {summary['images']} image(s)"
           + (f" ({summary['resumed']} from a previous run)" if summary["resumed"] else "") + "; "
           f"{len(summary['failed'])} failed" + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)

@@ -21,6 +21,7 @@ from PIL import features as pil_features  # not captioner.features
 
 from .errors import ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
+from .raw import is_raw, read_raw
 
 # a str may also be an http(s) URL; bytes are an image file's contents (an upload, a download, a database blob)
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
@@ -166,6 +167,10 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     HEIC/HEIF photos (iPhones) are read when the optional pillow-heif is installed (``open_image``); it applies the
     file's own rotation and resets the EXIF orientation, so nothing is turned twice. Without it, or for AVIF on
     a Pillow without AVIF, the error says what to install.
+
+    A camera RAW file (by its extension: ``raw.RAW_EXTENSIONS``) is read through LibRaw when the optional rawpy
+    is installed (``raw.read_raw``): its embedded JPEG preview, decoded as above, turned upright, or a demosaic
+    where the preview is too small; never by Pillow, which would read a 160x120 thumbnail of the TIFF-based ones.
     """
     name = describe(src)
     try:
@@ -194,9 +199,12 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                         raise ImageLoadError(name, "file not found")
                     if stream.stat().st_size == 0:
                         raise ImageLoadError(name, "empty file (0 bytes)")
-                with _open_first_frame(stream, name, min_side) as opened:
-                    opened.load()
-                    img = opened.copy()
+                if isinstance(stream, Path) and is_raw(stream):
+                    img = read_raw(stream, name, min_side, lambda data: _open_first_frame(data, name, min_side))
+                else:
+                    with _open_first_frame(stream, name, min_side) as opened:
+                        opened.load()
+                        img = opened.copy()
             img = ImageOps.exif_transpose(img)
             if img.width == 0 or img.height == 0:
                 raise ImageLoadError(name, f"image has no pixels ({img.width}x{img.height})")

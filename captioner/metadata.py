@@ -41,6 +41,7 @@ from pathlib import Path
 from .errors import ImageLoadError
 from .fetch import is_url
 from .images import open_image
+from .raw import is_raw
 
 KINDS = ("xmp", "exif", "iptc", "sidecar")
 EMBEDDED = {"JPEG": ("xmp", "exif", "iptc"), "PNG": ("xmp", "exif"), "WEBP": ("xmp", "exif")}
@@ -146,6 +147,10 @@ def _write_embedded(path: Path, caption: str, kinds: list[str], dry_run: bool, o
     name = str(path)
     real = Path(os.path.realpath(path))
     fail = lambda message: [Outcome(k, name, "error", message) for k in kinds]  # noqa: E731
+    if is_raw(path):  # Pillow would call most of them TIFF; exiv2 could write some, but a RAW original stays untouched
+        return [Outcome(k, name, "unsupported", "a camera RAW file is never rewritten; --write-metadata sidecar "
+                        "writes photo.xmp beside it, where Lightroom, darktable and digiKam read a RAW file's caption")
+                for k in kinds]
     try:
         st = real.stat()
         with open_image(real, name) as im:  # a HEIC's format too, where nothing has decoded one in this process

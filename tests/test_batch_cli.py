@@ -166,18 +166,19 @@ def test_a_pattern_that_matches_nothing_is_reported(trained_run, tmp_path, capsy
 
 
 def test_a_folder_without_image_files_is_reported_not_passed_over(trained_run, tmp_path, capsys):
-    """A wrong folder, or one of photos in a format not read here (camera RAW), must not end as a silent
+    """A wrong folder, or one of images in a format not read here (Photoshop files), must not end as a silent
     "captioned 0 of 0": the folder is an error line naming it and what is read; the other inputs are captioned.
-    A pattern that also matches an empty folder is fine as long as it matched images."""
+    A pattern that also matches an empty folder is fine as long as it matched images. (A folder of camera RAW
+    files without rawpy: tests/test_raw.py.)"""
     good = good_folder(tmp_path / "photos", 2)
     (tmp_path / "photos" / "empty").mkdir()
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "DSC_0001.NEF").write_bytes(b"II*\x00" + b"\x00" * 64)
-    code, _, err = caption(capsys, trained_run, raw, tmp_path / "photos" / "empty", f"{tmp_path}/p*", "-o",
+    psd = tmp_path / "designs"
+    psd.mkdir()
+    (psd / "poster.psd").write_bytes(b"8BPS" + b"\x00" * 64)
+    code, _, err = caption(capsys, trained_run, psd, tmp_path / "photos" / "empty", f"{tmp_path}/p*", "-o",
                            tmp_path / "o.jsonl")
     assert code == 1
-    assert f"error: {raw}: a folder without image files (1 other file(s); read here: .jpg" in err
+    assert f"error: {psd}: a folder without image files (1 other file(s); read here: .jpg" in err
     assert f"error: {tmp_path / 'photos' / 'empty'}: a folder without image files (0 other file(s)" in err
     assert err.count("error:") == 2
     assert [r["path"] for r in jsonl(tmp_path / "o.jsonl")] == good

@@ -1,0 +1,170 @@
+"""Camera RAW photos: read through LibRaw from the preview the camera embedded (upright), or demosaiced; never
+as the 160x120 thumbnail Pillow finds in a TIFF-based RAW; clear errors; folders; metadata left untouched."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner import batch
+from captioner.images import ImageLoadError, load_image
+from captioner.metadata import sidecar_paths, write_caption
+from conftest import draw
+from raw_fixtures import write_dng
+
+rawpy = pytest.importorskip("rawpy")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quadrant(width: int, height: int) -> Image.Image:
+    """Red top-left quadrant on dark grey: where it ends up shows how the photo was turned."""
+    arr = np.full((height, width, 3), 40, np.uint8)
+    arr[: height // 2, : width // 2] = (230, 20, 20)
+    return Image.fromarray(arr)
+
+
+def embedded_bytes(path: Path) -> bytes:
+    with rawpy.imread(str(path)) as raw:
+        return raw.extract_thumb().data
+
+
+def embedded_jpeg(path: Path) -> Image.Image:
+    return Image.open(io.BytesIO(embedded_bytes(path))).convert("RGB")
+
+
+def test_raw_photo_is_its_embedded_preview_turned_upright(tmp_path):
+    """A portrait shot: sensor and preview stored landscape, orientation 6. What comes back is the preview (not
+    Pillow's 160x120 thumbnail of the file), turned a quarter clockwise, pixel for pixel."""
+    path = write_dng(tmp_path / "DSC_0001.NEF", quadrant(320, 240), preview=quadrant(640, 480), orientation=6)
+    img = load_image(path, min_side=256)
+    assert img.mode == "RGB" and img.size == (480, 640)
+    expected = embedded_jpeg(path).transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(np.asarray(img), np.asarray(expected))
+    r, g, b = img.getpixel((400, 100))  # the red quadrant is now top-right
+    assert r > 180 and g < 80 and b < 80
+
+
+def test_large_preview_is_decoded_at_a_reduced_scale(tmp_path):
+    """A camera's preview is full size: like any JPEG it is drafted down to what the model needs."""
+    path = write_dng(tmp_path / "IMG_0002.CR2", quadrant(320, 240), preview=quadrant(2400, 1800))
+    assert load_image(path, min_side=256).size == (600, 450)  # 1/4 scale: 1/8 would be under 256
+    assert load_image(path).size == (2400, 1800)  # no min_side: every pixel the preview has
+
+
+def test_raw_without_a_large_enough_preview_is_demosaiced(tmp_path):
+    """Only the 160x120 thumbnail embedded: the sensor data is demosaiced (upright, colours kept), at half size
+    when that still covers min_side."""
+    path = write_dng(tmp_path / "photo.dng", quadrant(320, 240), orientation=6)
+    full = load_image(path, min_side=200)
+    assert full.size == (240, 320)
+    r, g, b = full.getpixel((200, 60))  # red quadrant top-right after the quarter turn
+    assert r > 120 and r > 2 * g and r > 2 * b
+    assert max(full.getpixel((60, 260))) < 120  # the grey is not red
+    assert load_image(path, min_side=100).size == (120, 160)  # the thumbnail covers 100: used, turned
+    assert load_image(path, min_side=64).size == (120, 160)
+
+
+def test_raw_photo_is_encoded_as_its_preview_not_as_its_thumbnail(trained_run, tmp_path):
+    """The sensor data (and so the thumbnail) and the preview are made to show different things here, so the
+    features tell which one was read; ``stream`` (the batch command's path) captions it as ``caption`` does."""
+    import torch
+    from captioner.api import Captioner
+    cap = Captioner.from_pretrained(trained_run / "best", device="cpu")
+    sensor = draw("red", "square", "white", size=320)
+    preview = draw("blue", "circle", "black", size=640)
+    path = write_dng(tmp_path / "DSC_0003.ARW", sensor, preview=preview)
+    read, shown, thumb = cap.features([str(path), embedded_bytes(path), sensor.resize((160, 160))])
+    assert torch.equal(read, shown) and not torch.allclose(read, thumb, atol=1e-3)
+    [result] = list(cap.stream([str(path)], cap.decode_config()))
+    assert result.error is None and result.nbest[0]["caption"] == cap.caption(str(path))
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"\x00" * 4096, "not a camera RAW file LibRaw can read"),
+    (b"II*\x00" + b"\x13" * 2000, "camera RAW"),
+], ids=["zeros", "tiff-header-then-noise"])
+def test_unreadable_raw_is_refused_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "broken.NEF"
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=reason) as err:
+        load_image(path, min_side=256)
+    assert str(path) in str(err.value)
+
+
+def test_a_damaged_preview_falls_back_to_the_sensor_data_and_damaged_sensor_data_is_refused(tmp_path):
+    path = write_dng(tmp_path / "cut.dng", quadrant(320, 240), preview=quadrant(640, 480))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 5000])  # the preview's end is gone
+    assert load_image(path, min_side=200).size == (320, 240)  # demosaiced
+    path.write_bytes(path.read_bytes()[:60000])  # now the sensor data too
+    with pytest.raises(ImageLoadError, match="unreadable or corrupt camera RAW file") as err:
+        load_image(path, min_side=200)
+    assert str(path) in str(err.value)
+
+
+RAWPY_ABSENT = """
+import sys
+sys.modules["rawpy"] = None  # as if not installed
+from captioner.images import ImageLoadError, load_image
+try:
+    load_image(sys.argv[1])
+except ImageLoadError as err:
+    print(err)
+"""
+
+
+def test_raw_without_rawpy_names_the_file_and_what_to_install(tmp_path):
+    path = write_dng(tmp_path / "IMG_0004.CR2", quadrant(320, 240), preview=quadrant(640, 480))
+    done = subprocess.run([sys.executable, "-c", RAWPY_ABSENT, str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert str(path) in done.stdout and "camera RAW" in done.stdout and "pip install rawpy" in done.stdout
+
+
+def test_folder_scan_reads_raw_files_and_passes_them_over_without_rawpy(tmp_path, monkeypatch):
+    folder = tmp_path / "card"
+    folder.mkdir()
+    quadrant(320, 240).save(folder / "IMG_0001.JPG")
+    write_dng(folder / "IMG_0001.CR2", quadrant(320, 240), preview=quadrant(640, 480))
+    (folder / "notes.txt").write_text("x")
+    found = batch.expand_inputs([str(folder)])
+    assert [Path(f).name for f in found.files] == ["IMG_0001.CR2", "IMG_0001.JPG"] and found.ignored == 1
+    monkeypatch.setattr(batch, "raw_readable", lambda: False)
+    found = batch.expand_inputs([str(folder)])
+    assert [Path(f).name for f in found.files] == ["IMG_0001.JPG"] and found.unread_raw == 1
+    (folder / "IMG_0001.JPG").unlink()
+    found = batch.expand_inputs([str(folder)])
+    assert not found.files and "1 camera RAW file(s), read with rawpy: pip install rawpy" in found.missing[str(folder)]
+
+
+def test_caption_command_notes_raw_files_it_could_not_read(trained_run, tmp_path, monkeypatch, capsys):
+    from captioner.cli import main
+    folder = tmp_path / "card"
+    folder.mkdir()
+    quadrant(320, 240).save(folder / "IMG_0001.JPG")
+    write_dng(folder / "IMG_0001.NEF", quadrant(320, 240), preview=quadrant(640, 480))
+    assert main(["caption", str(folder), "--checkpoint", str(trained_run / "best"), "-o", str(tmp_path / "a.jsonl")]) == 0
+    assert "captioned 2 of 2" in capsys.readouterr().err
+    monkeypatch.setattr(batch, "raw_readable", lambda: False)
+    assert main(["caption", str(folder), "--checkpoint", str(trained_run / "best"), "-o", str(tmp_path / "b.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 camera RAW file(s) in the folders were not captioned" in err and "pip install rawpy" in err
+    assert "captioned 1 of 1" in err
+
+
+def test_raw_files_are_never_rewritten_but_get_sidecars(tmp_path):
+    path = write_dng(tmp_path / "DSC_0005.NEF", quadrant(320, 240), preview=quadrant(640, 480))
+    before = path.read_bytes()
+    outcomes = write_caption(path, "a red square", ["xmp", "exif", "iptc"])
+    assert {o.status for o in outcomes} == {"unsupported"} and all("sidecar" in o.message for o in outcomes)
+    assert path.read_bytes() == before
+    assert {o.status for o in write_caption(path, "a red square", ["sidecar"])} == {"written"}
+    xmp, txt = sidecar_paths(path)
+    assert txt.read_text() == "a red square\n" and b"a red square" in xmp.read_bytes()
+    assert path.read_bytes() == before
