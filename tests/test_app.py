@@ -151,3 +151,18 @@ def test_an_iphone_heic_upload_is_captioned(app_server, good_image, tmp_path) ->
         pillow_heif.from_pillow(img.convert("RGB")).save(heic, quality=95)
     best, _, _ = client(app_server.url).predict(handle_file(str(heic)), *BEAM3, api_name="/caption")
     assert best.strip() and best == app_server.captioner.caption(str(heic), strategy="beam", beam_size=3)
+
+
+def test_a_camera_raw_upload_is_captioned_from_its_preview(app_server, good_image, tmp_path) -> None:
+    """A photographer uploads the RAW file: gradio keeps its name, so the app reads it as the API does, from the
+    preview the camera embedded (captioner/raw.py; which part of the file is read: tests/test_raw.py)."""
+    rawpy = pytest.importorskip("rawpy")
+    from raw_fixtures import write_dng
+    with Image.open(good_image) as img:
+        photo = img.convert("RGB")
+    raw = write_dng(tmp_path / "DSC_0007.NEF", Image.new("RGB", (320, 240), (128, 128, 128)), preview=photo)
+    with rawpy.imread(str(raw)) as opened:
+        preview = opened.extract_thumb().data
+    best, _, _ = client(app_server.url).predict(handle_file(str(raw)), *BEAM3, api_name="/caption")
+    cap = app_server.captioner
+    assert best.strip() and best == cap.caption(preview, strategy="beam", beam_size=3)
