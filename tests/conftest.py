@@ -8,8 +8,11 @@ tests never download; its features are O(1), unlike a random mobilenet's ~1e-8).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,23 @@ SHAPES = ("square", "circle")
 BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10)}
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 TEST_ENCODER = EncoderConfig(name="resnet18", weights="none", image_size=64)
+LOAD_WITHOUT = """
+import sys
+sys.modules[sys.argv[1]] = None  # as if not installed
+from captioner.images import ImageLoadError, load_image
+try:
+    load_image(sys.argv[2])
+except ImageLoadError as err:
+    print(err)
+"""
+
+
+def load_error_without(module: str, path: Path) -> str:
+    """``load_image(path)``'s error message in a fresh process where ``module`` (an optional dependency) is missing."""
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT, module, str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def draw(colour: str, shape: str, background: str, size: int = 80, seed: int = 0) -> Image.Image:

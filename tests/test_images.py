@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -18,7 +16,7 @@ from PIL import Image, features
 from captioner.api import Captioner
 from captioner import images
 from captioner.images import ImageLoadError, load_image
-from conftest import draw
+from conftest import draw, load_error_without
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -323,23 +321,10 @@ def test_heic_photo_loads_upright_once_from_a_file_and_from_bytes(tmp_path):
         assert max(img.getpixel((10, 10))) < 60
 
 
-HEIF_ABSENT = """
-import sys
-sys.modules["pillow_heif"] = None  # as if not installed
-from captioner.images import ImageLoadError, load_image
-try:
-    load_image(sys.argv[1])
-except ImageLoadError as err:
-    print(err)
-"""
-
-
 def test_heic_without_pillow_heif_names_the_file_and_what_to_install(tmp_path):
     path = heic_file(tmp_path / "IMG_0002.heic")
-    done = subprocess.run([sys.executable, "-c", HEIF_ABSENT, str(path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert done.returncode == 0, done.stderr
-    assert str(path) in done.stdout and "HEIC" in done.stdout and "pip install pillow-heif" in done.stdout
+    message = load_error_without("pillow_heif", path)
+    assert str(path) in message and "HEIC" in message and "pip install pillow-heif" in message
 
 
 def test_avif_on_a_pillow_without_avif_says_so(tmp_path, monkeypatch):

@@ -4,9 +4,6 @@ as the 160x120 thumbnail Pillow finds in a TIFF-based RAW; clear errors; folders
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +13,10 @@ from PIL import Image
 from captioner import batch
 from captioner.images import ImageLoadError, load_image
 from captioner.metadata import sidecar_paths, write_caption
-from conftest import draw
+from conftest import draw, load_error_without
 from raw_fixtures import write_dng
 
 rawpy = pytest.importorskip("rawpy")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def quadrant(width: int, height: int) -> Image.Image:
@@ -108,23 +104,10 @@ def test_a_damaged_preview_falls_back_to_the_sensor_data_and_damaged_sensor_data
     assert str(path) in str(err.value)
 
 
-RAWPY_ABSENT = """
-import sys
-sys.modules["rawpy"] = None  # as if not installed
-from captioner.images import ImageLoadError, load_image
-try:
-    load_image(sys.argv[1])
-except ImageLoadError as err:
-    print(err)
-"""
-
-
 def test_raw_without_rawpy_names_the_file_and_what_to_install(tmp_path):
     path = write_dng(tmp_path / "IMG_0004.CR2", quadrant(320, 240), preview=quadrant(640, 480))
-    done = subprocess.run([sys.executable, "-c", RAWPY_ABSENT, str(path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert str(path) in done.stdout and "camera RAW" in done.stdout and "pip install rawpy" in done.stdout
+    message = load_error_without("rawpy", path)
+    assert str(path) in message and "camera RAW" in message and "pip install rawpy" in message
 
 
 def test_folder_scan_reads_raw_files_and_passes_them_over_without_rawpy(tmp_path, monkeypatch):
