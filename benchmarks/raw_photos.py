@@ -48,7 +48,8 @@ def main() -> None:
             load_image(path, Preprocess().min_side)  # warm-up: imports, page cache
         for name, path in files.items():
             repeats = args.repeats if "demosaic" not in name else max(1, args.repeats // 3)
-            print(f"{name}: {median_ms(path, repeats):.1f} ms (median of {repeats}; {path.stat().st_size / 1e6:.1f} MB)")
+            size = path.stat().st_size / 1e6
+            print(f"{name}: {median_ms(path, repeats):.1f} ms (median of {repeats}; {size:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
             else:
                 files.append(m)
         if len(files) == found:  # only folders, and no image file in them
-            raw_note = f"; {unread_raw - raws} camera RAW file(s), read with rawpy: {RAW_INSTALL}" if unread_raw > raws else ""
+            raw_note = (f"; {unread_raw - raws} camera RAW file(s), read with rawpy: {RAW_INSTALL}"
+                        if unread_raw > raws else "")
             missing[item] = (f"{'a folder' if os.path.isdir(item) else 'only folders'} without image files "
                              f"({ignored - others} other file(s){raw_note}; read here: {' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()

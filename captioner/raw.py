@@ -1,8 +1,8 @@
 """Part of step 1 (image -> pixels): camera RAW photos (.CR2, .NEF, .ARW, .DNG, ...) read through LibRaw.
 
 Why the embedded preview, not the sensor data: every camera stores a JPEG rendering of the photo beside the raw
-sensor values (usually full size; the picture shown on the camera's screen, with the camera's colours), and
-``load_image`` decodes a JPEG at 1/8 scale in milliseconds, where demosaicing 24 MP takes seconds. LibRaw
+sensor values (often full size, 1-2 MP in some makes; the picture shown on the camera's screen, in the camera's
+colours), and ``load_image`` decodes a JPEG at 1/8 scale in milliseconds, where demosaicing 24 MP takes seconds. LibRaw
 (``rawpy``, an optional dependency: its wheel bundles LibRaw, LGPL) finds that preview in every format it
 reads; a file whose preview is smaller than the caller needs is demosaiced (at half size when that suffices).
 Why never Pillow: it opens the TIFF-based formats (DNG, NEF, ARW, ...) as their first image directory, a 160x120
@@ -25,8 +25,9 @@ from .errors import ImageLoadError
 RAW_EXTENSIONS = (".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".iiq", ".kdc", ".mos", ".mrw",
                   ".nef", ".nrw", ".orf", ".pef", ".raf", ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".x3f")
 RAW_INSTALL = "pip install rawpy"
-# LibRaw's ``sizes.flip`` -> the transpose that makes the embedded preview upright (the camera stores it as the
-# sensor saw it, like the raw data; LibRaw turns its own demosaic, not the preview)
+# LibRaw's ``sizes.flip`` (the file's orientation) -> the transpose that makes the embedded preview upright: the
+# orientation applies to every image in the file (DNG requires it; camera formats store the preview unturned, as
+# their own viewers turn it), and LibRaw turns its own demosaic but hands the preview over as stored
 UPRIGHT = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
 
 
@@ -41,7 +42,8 @@ def available() -> bool:
     return importlib.util.find_spec("rawpy") is not None
 
 
-def read_raw(path: Path, name: str, min_side: int | None, open_jpeg: Callable[[io.BytesIO], Image.Image]) -> Image.Image:
+def read_raw(path: Path, name: str, min_side: int | None,
+             open_jpeg: Callable[[io.BytesIO], Image.Image]) -> Image.Image:
     """The upright photo of a camera RAW file: its embedded preview when that has a shorter side of at least
     ``min_side`` (no ``min_side``: the sensor's, i.e. every pixel), else LibRaw's demosaic (camera white balance,
     8 bits; half size when that still covers ``min_side``). ``open_jpeg`` opens the preview's bytes as
@@ -49,7 +51,8 @@ def read_raw(path: Path, name: str, min_side: int | None, open_jpeg: Callable[[i
     try:
         import rawpy
     except ImportError:
-        raise ImageLoadError(name, f"a camera RAW photo ({path.suffix}): reading it needs rawpy ({RAW_INSTALL})") from None
+        raise ImageLoadError(name, f"a camera RAW photo ({path.suffix}): reading it needs rawpy "
+                                   f"({RAW_INSTALL})") from None
     try:
         with rawpy.imread(str(path)) as raw:
             short = min(raw.sizes.width, raw.sizes.height)

@@ -132,10 +132,11 @@ def test_caption_command_notes_raw_files_it_could_not_read(trained_run, tmp_path
     folder.mkdir()
     quadrant(320, 240).save(folder / "IMG_0001.JPG")
     write_dng(folder / "IMG_0001.NEF", quadrant(320, 240), preview=quadrant(640, 480))
-    assert main(["caption", str(folder), "--checkpoint", str(trained_run / "best"), "-o", str(tmp_path / "a.jsonl")]) == 0
+    command = ["caption", str(folder), "--checkpoint", str(trained_run / "best"), "-o"]
+    assert main([*command, str(tmp_path / "a.jsonl")]) == 0
     assert "captioned 2 of 2" in capsys.readouterr().err
     monkeypatch.setattr(batch, "raw_readable", lambda: False)
-    assert main(["caption", str(folder), "--checkpoint", str(trained_run / "best"), "-o", str(tmp_path / "b.jsonl")]) == 0
+    assert main([*command, str(tmp_path / "b.jsonl")]) == 0
     err = capsys.readouterr().err
     assert "note: 1 camera RAW file(s) in the folders were not captioned" in err and "pip install rawpy" in err
     assert "captioned 1 of 1" in err
