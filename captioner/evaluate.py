@@ -60,13 +60,16 @@ def failure(record: Record, error: str) -> dict:
 
 
 def caption_split(captioner: Captioner, records: list[Record], config: DecodeConfig, batch_size: int = 32,
-                  workers: int = 2, *, failed: list[dict] | None = None) -> dict[int, str]:
+                  workers: int = 2, decode_batch: int = 256, *, failed: list[dict] | None = None) -> dict[int, str]:
     """Caption every image of the split with the shared batched decoding. Given a ``failed`` list, an
     unusable image is skipped and appended to it, as ``captioner caption`` does (one bad file must not cost
     a whole evaluation); without one, it is an error."""
     out: dict[int, str] = {}
-    bar = tqdm(total=len(records), desc="captioning", unit="img", mininterval=2)
-    for record, result in zip(records, captioner.stream([r.path for r in records], config, batch_size, workers)):
+    # results come in bursts of decode_batch (``stream``): the bar is redrawn per burst, not at the first result
+    bar = tqdm(total=len(records), desc="captioning", unit="img", mininterval=2,
+               miniters=max(1, min(decode_batch, len(records))))
+    for record, result in zip(records, captioner.stream([r.path for r in records], config, batch_size, workers,
+                                                        decode_batch)):
         if result.error and failed is None:
             raise DatasetError(f"cannot caption image id {record.id}: {result.error}")
         if result.error:

@@ -287,3 +287,27 @@ def test_a_folder_of_iphone_photos_is_captioned_heic_included(trained_run, tmp_p
     rows = jsonl(out)
     assert [Path(r["path"]).name for r in rows] == ["IMG_0001.jpg", "IMG_0002.HEIC"]
     assert rows[0]["caption"] == rows[1]["caption"]
+
+
+def test_progress_is_drawn_per_burst_of_results_not_at_the_first_one(trained_run, tmp_path, capsys):
+    """``stream`` yields results in bursts of --decode-batch, each after the decoder's pause. A bar drawn at the first
+    result showed that one image's rate: "1/1000 [00:15<4:18:23, 15.52s/img]" for a one-minute run."""
+    import time
+
+    from captioner.api import Captioner
+    from captioner.batch import caption_files, expand_inputs
+    cap = Captioner.from_pretrained(trained_run / "best", device="cpu")
+    config = cap.decode_config(strategy="greedy")
+    photos = good_folder(tmp_path / "photos", 6)
+
+    def paused(todo: list[str]):
+        for i, result in enumerate(cap.stream(todo, config, decode_batch=3)):
+            if i % 3 == 0:
+                time.sleep(1.1)  # longer than the bar's redraw interval (1 s), as a real burst takes
+            yield result
+
+    capsys.readouterr()
+    caption_files(cap, expand_inputs(photos), config, out=tmp_path / "o.jsonl", fmt="jsonl", decode_batch=3,
+                  stream=paused)
+    drawn = capsys.readouterr().err.replace("\r", "\n")
+    assert " 3/6 " in drawn and " 1/6 " not in drawn and " 4/6 " not in drawn
