@@ -78,8 +78,10 @@ def _preview(raw, rawpy, need: int, open_jpeg: Callable[[io.BytesIO], Image.Imag
         thumb = raw.extract_thumb()
     except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
         return None
-    if thumb.format == rawpy.ThumbFormat.BITMAP:
-        return Image.fromarray(thumb.data) if min(thumb.data.shape[:2]) >= need else None
+    if thumb.format == rawpy.ThumbFormat.BITMAP:  # (h, w, 3) or (h, w, 1), 8 or 16 bits
+        pixels = thumb.data[..., 0] if thumb.data.shape[-1] == 1 else thumb.data
+        pixels = (pixels >> 8).astype("uint8") if pixels.dtype.itemsize == 2 else pixels
+        return Image.fromarray(pixels) if min(pixels.shape[:2]) >= need else None
     with open_jpeg(io.BytesIO(thumb.data)) as jpeg:  # drafted: .size is what decoding gives
         if min(jpeg.size) < need:
             return None

@@ -65,6 +65,8 @@ def test_raw_without_a_large_enough_preview_is_demosaiced(tmp_path):
     assert max(full.getpixel((60, 260))) < 120  # the grey is not red
     assert load_image(path, min_side=100).size == (120, 160)  # the thumbnail covers 100: used, turned
     assert load_image(path, min_side=64).size == (120, 160)
+    grey = write_dng(tmp_path / "grey.dng", quadrant(320, 240), thumbnail_mode="L")  # LibRaw: (120, 160, 1)
+    assert load_image(grey, min_side=100).size == (160, 120) and load_image(grey, min_side=100).mode == "RGB"
     larger = write_dng(tmp_path / "larger.dng", quadrant(640, 480), orientation=6)
     assert load_image(larger, min_side=200).size == (240, 320)  # half of 480 still covers 200
     assert load_image(larger).size == (480, 640)  # every pixel
