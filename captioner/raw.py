@@ -64,7 +64,10 @@ def read_raw(path: Path, name: str, min_side: int | None,
                 upright.info = {k: v for k, v in upright.info.items() if k not in ("exif", "xmp")}
                 return upright
             half = bool(min_side) and short >= 2 * min_side
-            return Image.fromarray(raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8))
+            pixels = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)  # (h, w, colours)
+            if pixels.shape[-1] not in (1, 3):
+                raise ImageLoadError(name, f"unreadable or corrupt camera RAW file ({pixels.shape[-1]} colours)")
+            return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)  # one colour: grey
     except rawpy.LibRawFileUnsupportedError:
         raise ImageLoadError(name, "not a camera RAW file LibRaw can read (an unsupported camera, or not RAW "
                                    "despite its extension)") from None
@@ -73,15 +76,17 @@ def read_raw(path: Path, name: str, min_side: int | None,
 
 
 def _preview(raw, rawpy, need: int, open_jpeg: Callable[[io.BytesIO], Image.Image]) -> Image.Image | None:
-    """The embedded preview, decoded, if its shorter side is at least ``need``; else None."""
+    """The embedded JPEG preview, decoded, if its shorter side is at least ``need``; else None.
+
+    A bitmap thumbnail is never read: it is the small one (160x120 in DNG, NEF, ARW), and rawpy wraps LibRaw's copy
+    of it in an array of the size the file claims, so a damaged file that claims more is read past its end (a
+    segmentation fault that ends the whole batch, found by fuzzing); such a file is demosaiced instead."""
     try:
         thumb = raw.extract_thumb()
     except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
         return None
-    if thumb.format == rawpy.ThumbFormat.BITMAP:  # (h, w, 3) or (h, w, 1), 8 or 16 bits
-        pixels = thumb.data[..., 0] if thumb.data.shape[-1] == 1 else thumb.data
-        pixels = (pixels >> 8).astype("uint8") if pixels.dtype.itemsize == 2 else pixels
-        return Image.fromarray(pixels) if min(pixels.shape[:2]) >= need else None
+    if thumb.format != rawpy.ThumbFormat.JPEG:
+        return None
     with open_jpeg(io.BytesIO(thumb.data)) as jpeg:  # drafted: .size is what decoding gives
         if min(jpeg.size) < need:
             return None

@@ -40,11 +40,9 @@ def _ifd(entries: dict[int, tuple[int, object]], at: int) -> bytes:
     return out + b"\0" * (len(out) % 2)
 
 
-def write_dng(path: Path, photo: Image.Image, preview: Image.Image | None = None, orientation: int = 1,
-              thumbnail_mode: str = "RGB") -> Path:
+def write_dng(path: Path, photo: Image.Image, preview: Image.Image | None = None, orientation: int = 1) -> Path:
     """``photo`` (RGB, even sides) as a DNG's sensor data (gamma 2.2 undone, RGGB, 12 bits); ``preview`` stored
-    as its embedded JPEG; ``orientation`` the EXIF value of IFD0 (6: turn 90 degrees clockwise to view);
-    ``thumbnail_mode`` "RGB" or "L" (a grey thumbnail, which LibRaw hands over as (h, w, 1))."""
+    as its embedded JPEG; ``orientation`` the EXIF value of IFD0 (6: turn 90 degrees clockwise to view)."""
     rgb = np.asarray(photo.convert("RGB"), dtype=np.float32) / 255.0
     h, w = rgb.shape[:2]
     linear = rgb ** 2.2
@@ -52,8 +50,7 @@ def write_dng(path: Path, photo: Image.Image, preview: Image.Image | None = None
     mosaic[0::2, 0::2], mosaic[0::2, 1::2] = linear[0::2, 0::2, 0], linear[0::2, 1::2, 1]
     mosaic[1::2, 0::2], mosaic[1::2, 1::2] = linear[1::2, 0::2, 1], linear[1::2, 1::2, 2]
     sensor = (mosaic * 4095).round().astype("<u2").tobytes()
-    small = photo.convert(thumbnail_mode)
-    bands = len(small.getbands())
+    small = photo.convert("RGB")
     small.thumbnail((160, 160))
     thumb = small.tobytes()
     jpeg = b""
@@ -61,10 +58,9 @@ def write_dng(path: Path, photo: Image.Image, preview: Image.Image | None = None
         buf = io.BytesIO()
         preview.convert("RGB").save(buf, "JPEG", quality=92)
         jpeg = buf.getvalue()
-    ifd0 = {254: (LONG, [1]), 256: (LONG, [small.width]), 257: (LONG, [small.height]), 258: (SHORT, [8] * bands),
-            259: (SHORT, [1]), 262: (SHORT, [2 if bands == 3 else 1]), 271: (ASCII, "Captioner"),
-            272: (ASCII, "Test camera"), 274: (SHORT, [orientation]), 277: (SHORT, [bands]),
-            278: (LONG, [small.height]), 279: (LONG, [len(thumb)]),
+    ifd0 = {254: (LONG, [1]), 256: (LONG, [small.width]), 257: (LONG, [small.height]), 258: (SHORT, [8, 8, 8]),
+            259: (SHORT, [1]), 262: (SHORT, [2]), 271: (ASCII, "Captioner"), 272: (ASCII, "Test camera"),
+            274: (SHORT, [orientation]), 277: (SHORT, [3]), 278: (LONG, [small.height]), 279: (LONG, [len(thumb)]),
             284: (SHORT, [1]), 50706: (BYTE, [1, 4, 0, 0]), 50707: (BYTE, [1, 1, 0, 0]),
             50708: (ASCII, "Captioner Test camera"), 50778: (SHORT, [21]),
             50721: (SRATIONAL, [(1, 1), (0, 1), (0, 1), (0, 1), (1, 1), (0, 1), (0, 1), (0, 1), (1, 1)]),

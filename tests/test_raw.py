@@ -4,6 +4,10 @@ as the 160x120 thumbnail Pillow finds in a TIFF-based RAW; clear errors; folders
 from __future__ import annotations
 
 import io
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +59,36 @@ def test_large_preview_is_decoded_at_a_reduced_scale(tmp_path):
 
 
 def test_raw_without_a_large_enough_preview_is_demosaiced(tmp_path):
-    """Only the 160x120 thumbnail embedded: the sensor data is demosaiced (upright, colours kept), at half size
-    when that still covers min_side."""
+    """Only the 160x120 bitmap thumbnail embedded (never read: see the damaged-file test): the sensor data is
+    demosaiced (upright, colours kept), at half size when that still covers min_side."""
     path = write_dng(tmp_path / "photo.dng", quadrant(320, 240), orientation=6)
     full = load_image(path, min_side=200)
     assert full.size == (240, 320)
     r, g, b = full.getpixel((200, 60))  # red quadrant top-right after the quarter turn
     assert r > 120 and r > 2 * g and r > 2 * b
     assert max(full.getpixel((60, 260))) < 120  # the grey is not red
-    assert load_image(path, min_side=100).size == (120, 160)  # the thumbnail covers 100: used, turned
-    assert load_image(path, min_side=64).size == (120, 160)
-    grey = write_dng(tmp_path / "grey.dng", quadrant(320, 240), thumbnail_mode="L")  # LibRaw: (120, 160, 1)
-    assert load_image(grey, min_side=100).size == (160, 120) and load_image(grey, min_side=100).mode == "RGB"
+    assert load_image(path, min_side=100).size == (120, 160)  # half size covers 100
     larger = write_dng(tmp_path / "larger.dng", quadrant(640, 480), orientation=6)
     assert load_image(larger, min_side=200).size == (240, 320)  # half of 480 still covers 200
     assert load_image(larger).size == (480, 640)  # every pixel
+    small = write_dng(tmp_path / "small.dng", quadrant(320, 240), preview=quadrant(160, 120))
+    assert load_image(small, min_side=200).size == (320, 240)  # a JPEG preview too small: demosaiced
+
+
+def test_a_damaged_bitmap_thumbnail_is_not_read_past_its_end(tmp_path):
+    """A file whose bitmap thumbnail claims 59,256 rows (found by fuzzing the DNGs of these tests): rawpy wraps
+    LibRaw's 57,600-byte copy in a 28 MB array, and reading it killed the process (SIGSEGV). Run in a child
+    process, so that a crash fails the test instead of ending the suite."""
+    path = write_dng(tmp_path / "damaged.NEF", quadrant(160, 120))
+    data = bytearray(path.read_bytes())
+    height_entry = data.index(struct.pack("<HHI", 257, 4, 1))  # IFD0's ImageLength (LONG, one value): 120
+    data[height_entry + 8:height_entry + 12] = struct.pack("<I", 59256)
+    path.write_bytes(bytes(data))
+    script = "import sys; from captioner.images import load_image; print(load_image(sys.argv[1], 64).size)"
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
+    assert done.stdout.strip() == "(160, 120)"  # demosaiced: the sensor data is intact
 
 
 def test_raw_photo_is_encoded_as_its_preview_not_as_its_thumbnail(trained_run, tmp_path):
@@ -107,6 +126,17 @@ def test_a_damaged_preview_falls_back_to_the_sensor_data_and_damaged_sensor_data
     with pytest.raises(ImageLoadError, match="unreadable or corrupt camera RAW file") as err:
         load_image(path, min_side=200)
     assert str(path) in str(err.value)
+
+
+def test_a_damaged_colour_pattern_gives_a_grey_photo_not_a_crash(tmp_path):
+    """A DNG whose CFA pattern entry claims 79 values instead of 4 (found by fuzzing): LibRaw demosaics it to one
+    colour, (h, w, 1), which Pillow cannot take as an array (a TypeError, which no caller expects, ended the batch)."""
+    path = write_dng(tmp_path / "damaged.dng", quadrant(160, 120))
+    data = path.read_bytes()
+    entry = struct.pack("<HHI", 33422, 1, 4)  # CFAPattern, BYTE, 4 values
+    path.write_bytes(data.replace(entry, struct.pack("<HHI", 33422, 1, 79)))
+    img = load_image(path, min_side=130)  # more than the thumbnail has: demosaiced by any version
+    assert img.mode == "RGB" and img.width * 3 == img.height * 4  # whatever size LibRaw makes of it
 
 
 def test_raw_without_rawpy_names_the_file_and_what_to_install(tmp_path):
