@@ -215,5 +215,5 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
         raise ImageLoadError(name, f"refused as a possible decompression bomb ({err})") from None
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not an image (Pillow cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as err:  # RuntimeError: libheif's (pillow-heif)
         raise ImageLoadError(name, f"unreadable or corrupt image ({str(err).strip()})") from None

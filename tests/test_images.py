@@ -321,6 +321,22 @@ def test_heic_photo_loads_upright_once_from_a_file_and_from_bytes(tmp_path):
         assert max(img.getpixel((10, 10))) < 60
 
 
+def test_a_damaged_heic_is_refused_naming_it_and_the_batch_goes_on(captioner, good, tmp_path):
+    """A HEIC whose declared size (its ispe box) disagrees with its coded image: libheif raises RuntimeError, which
+    ended a whole `captioner caption` run (found by fuzzing). It is an unreadable file like any other."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    path = tmp_path / "IMG_0005.HEIC"
+    pillow_heif.from_pillow(Image.new("RGB", (320, 240), (200, 30, 30))).save(path, quality=80)
+    data = bytearray(path.read_bytes())
+    ispe = data.index(b"ispe") + 8  # after the box type and its version/flags: width, height (4 bytes each)
+    data[ispe + 4:ispe + 8] = (36).to_bytes(4, "big")  # 240 rows declared as 36: "Security limit exceeded"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageLoadError, match="IMG_0005.HEIC: unreadable or corrupt image"):
+        load_image(path)
+    results = list(captioner.stream([str(good["photo"]), str(path)], captioner.decode_config(strategy="greedy")))
+    assert results[0].error is None and "unreadable or corrupt image" in results[1].error
+
+
 def test_heic_without_pillow_heif_names_the_file_and_what_to_install(tmp_path):
     path = heic_file(tmp_path / "IMG_0002.heic")
     message = load_error_without("pillow_heif", path)
