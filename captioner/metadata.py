@@ -160,7 +160,7 @@ def _write_embedded(path: Path, caption: str, kinds: list[str], dry_run: bool, o
         return fail("file vanished before its caption could be written")
     except ImageLoadError as err:
         return fail(err.reason)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:  # what load_image refuses
         return fail(f"cannot read the photo ({err.__class__.__name__}: {err})")
     supported = EMBEDDED.get(fmt or "", ())
     outcomes = {k: Outcome(k, name, "unsupported", f"cannot be stored in a {fmt} file (supported: "
@@ -202,7 +202,7 @@ def _apply(img, kind: str, target: str, caption: str, dry_run: bool, overwrite: 
     if kind == "xmp":
         return _apply_xmp(img, target, caption, dry_run, overwrite)
     key = EXIF_FIELD if kind == "exif" else IPTC_FIELD
-    current = (img.read_exif() if kind == "exif" else img.read_iptc()).get(key)
+    current = _read_legacy(img, kind).get(key)
     if isinstance(current, list):  # IPTC datasets may repeat; Caption-Abstract should not
         current = " ".join(current)
     verdict = _decide(kind, target, (current or "").strip(), caption, dry_run, overwrite)
@@ -211,15 +211,27 @@ def _apply(img, kind: str, target: str, caption: str, dry_run: bool, overwrite: 
             img.modify_exif({EXIF_FIELD: caption})
         else:
             fields = {IPTC_FIELD: caption}
-            if not caption.isascii() and IPTC_CHARSET not in img.read_iptc():
+            if not caption.isascii() and IPTC_CHARSET not in _read_legacy(img, "iptc"):
                 fields[IPTC_CHARSET] = IPTC_UTF8
             img.modify_iptc(fields)
     return verdict
 
 
+def _read_legacy(img, kind: str) -> dict:
+    """EXIF or IPTC-IIM fields. Text in them is ASCII by the EXIF standard and Latin-1 by IIM's convention when no
+    character set is declared, and old cameras and Windows wrote Latin-1 into both ("Caf\u00e9" as 43 61 66 E9):
+    not UTF-8, so pyexiv2 raised UnicodeDecodeError, which ended a whole batch. Such fields are read as Latin-1
+    (every byte is a character); only the caption field is ever written, so the others stay as they were."""
+    read = img.read_exif if kind == "exif" else img.read_iptc
+    try:
+        return read()
+    except UnicodeDecodeError:
+        return read(encoding="latin-1")
+
+
 def _apply_xmp(img, target: str, caption: str, dry_run: bool, overwrite: bool) -> Outcome:
     """dc:description and AltTextAccessibility are language alternatives: only x-default is set, other
-    languages a photographer wrote are kept."""
+    languages a photographer wrote are kept. (XMP that is not UTF-8 never gets here: exiv2 refuses the packet.)"""
     xmp = img.read_xmp()
     current = {key: _lang_alt(xmp.get(key)) for key in XMP_FIELDS}
     values = [v.get(X_DEFAULT, "").strip() for v in current.values()]

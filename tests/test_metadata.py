@@ -34,7 +34,8 @@ ARTIST = 0x013B
 DESCRIPTION = 0x010E
 
 
-def photo(path: Path, artist: str | None = None, description: str | None = None, xmp: bytes | None = None) -> Path:
+def photo(path: Path, artist: str | None = None, description: str | bytes | None = None,
+          xmp: bytes | None = None) -> Path:
     """A noisy photo (so a re-encode could not hide), optionally with EXIF Artist / description and XMP."""
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
@@ -221,6 +222,35 @@ def test_writing_the_same_caption_again_changes_nothing(tmp_path):
     inode, before = path.stat().st_ino, path.read_bytes()
     assert {o.status for o in write_caption(path, CAPTION, ["xmp", "exif", "iptc"])} == {"unchanged"}
     assert path.stat().st_ino == inode and path.read_bytes() == before
+
+
+@needs_exiftool
+def test_latin1_exif_and_iptc_descriptions_are_read_not_a_crash(tmp_path):
+    """Old cameras and Windows wrote Latin-1 into EXIF ImageDescription and IPTC captions ("Caf\u00e9" as 43 61 66 E9):
+    pyexiv2 raised UnicodeDecodeError, which ended a whole `caption --write-metadata` run. Such a description is an
+    existing one like any other: skipped, or replaced with overwrite; the other fields are kept."""
+    import pyexiv2
+    path = photo(tmp_path / "old.jpg", artist="Ann", description=b"Caf\xe9 au lait")
+    with pyexiv2.Image(str(path)) as img:
+        img.modify_iptc({"Iptc.Application2.Caption": "Caf\u00e9 au lait"}, encoding="latin-1")
+    outcomes = write_caption(path, CAPTION, ["exif", "iptc"])
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert all("Caf\u00e9 au lait" in o.message for o in outcomes)
+    outcomes = write_caption(path, CAPTION, ["exif", "iptc"], overwrite=True)
+    assert [o.status for o in outcomes] == ["written", "written"]
+    fields = exiftool(path)
+    assert fields["IFD0:ImageDescription"] == CAPTION and fields["IPTC:Caption-Abstract"] == CAPTION
+    assert fields["IFD0:Artist"] == "Ann"
+
+
+def test_a_photo_pillow_cannot_open_is_an_error_outcome(tmp_path):
+    """A PNG whose header chunk is cut (Pillow raises ValueError, not OSError): an outcome, not an exception."""
+    path = photo(tmp_path / "cut.png")
+    data = bytearray(path.read_bytes())
+    data[8:12] = (4).to_bytes(4, "big")  # IHDR's length: 13 -> 4
+    path.write_bytes(bytes(data))
+    [outcome] = write_caption(path, CAPTION, ["xmp"])
+    assert outcome.status == "error" and "cannot read the photo (ValueError" in outcome.message
 
 
 def test_read_only_and_vanished_photos_are_errors_naming_the_file(tmp_path):
