@@ -21,6 +21,7 @@ from .images import IMAGE_EXTENSIONS
 from .manifest import load_manifest
 from .metadata import MetadataWriter
 from .raw import RAW_INSTALL, is_raw
+from .report import SURROGATES, displayable
 from .raw import available as raw_readable
 
 FORMATS = ("jsonl", "csv", "coco")
@@ -90,16 +91,16 @@ def infer_format(out: Path | None, fmt: str | None) -> str:
     return "jsonl"
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """Whole lines of an output file; a half-written last line (killed mid-write) is cut off."""
+def _complete_text(path: Path) -> str:
+    """An output file up to its last newline; a half-written last line (killed mid-write) is cut off."""
     if not path.exists():
-        return []
+        return ""
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
         with open(path, "r+b") as f:
             f.truncate(end)
-    return data[:end].decode("utf-8").splitlines()
+    return data[:end].decode("utf-8", SURROGATES)
 
 
 def _record(result: ImageResult, image_id: int | None, min_confidence: float | None = None) -> dict:
@@ -135,35 +136,37 @@ class Sink:
         else:
             self.stream_path.parent.mkdir(parents=True, exist_ok=True)
             new = not self.stream_path.exists() or self.stream_path.stat().st_size == 0
-            self.handle = open(self.stream_path, "a", encoding="utf-8", newline="")
+            self.handle = open(self.stream_path, "a", encoding="utf-8", errors=SURROGATES, newline="")
             if fmt == "csv" and new:
                 self.handle.write(",".join(CSV_FIELDS) + "\r\n")
                 self.handle.flush()
 
     def _keep_finished(self) -> None:
-        """Resume: keep the captioned images; drop error lines and a half-written last line, so failed
-        images are tried again and every image still appears exactly once (rewritten atomically)."""
-        lines = _complete_lines(self.stream_path)
-        kept = []
-        for line in lines:
-            rec = self._parse(line)
-            if rec is None or "error" not in rec:
-                kept.append(line)
-            if rec is not None and "error" not in rec:
-                self.done[rec["path"]] = rec
-        if len(kept) != len(lines):
+        """Resume: keep the captioned images; drop error records and a half-written last one, so failed
+        images are tried again and every image still appears exactly once (rewritten atomically). CSV is read
+        by records, not lines: a quoted file name may hold a newline."""
+        text = _complete_text(self.stream_path)
+        if self.fmt == "csv":
+            units = [(row, self._parse_row(row)) for row in csv.reader(io.StringIO(text, newline=""))]
+        else:  # "\n" only: a JSON line may hold U+2028 or U+0085, which str.splitlines would also split at
+            units = [(line, json.loads(line)) for line in text.split("\n")[:-1]]
+        kept = [unit for unit, rec in units if rec is None or "error" not in rec]
+        self.done.update((rec["path"], rec) for _, rec in units if rec is not None and "error" not in rec)
+        if len(kept) != len(units):
             tmp = self.stream_path.with_name(self.stream_path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            with open(tmp, "w", encoding="utf-8", errors=SURROGATES, newline="") as f:
+                if self.fmt == "csv":
+                    csv.writer(f).writerows(kept)
+                else:
+                    f.write("".join(line + "\n" for line in kept))
             os.replace(tmp, self.stream_path)
 
-    def _parse(self, line: str) -> dict | None:
-        if self.fmt == "csv":
-            row = next(csv.reader([line]))
-            if row == list(CSV_FIELDS) or len(row) != len(CSV_FIELDS):
-                return None
-            rec = dict(zip(CSV_FIELDS, row))
-            return {k: v for k, v in rec.items() if v != ""}
-        return json.loads(line)
+    @staticmethod
+    def _parse_row(row: list[str]) -> dict | None:
+        """A CSV record's fields; None for the header and for a row that is not one of ours."""
+        if row == list(CSV_FIELDS) or len(row) != len(CSV_FIELDS):
+            return None
+        return {k: v for k, v in zip(CSV_FIELDS, row) if v != ""}
 
     def write(self, record: dict) -> None:
         self.done[record["path"]] = record
@@ -173,8 +176,10 @@ class Sink:
             line = buf.getvalue()
         else:
             line = json.dumps(record, ensure_ascii=False) + "\n"
-        if self.handle is None:
-            print(line, end="", flush=True)
+            if displayable(line) != line:  # a name that is not UTF-8: \udcXX escapes keep the line UTF-8
+                line = json.dumps(record) + "\n"
+        if self.handle is None:  # a terminal or pipe: an undecodable name byte is shown as U+FFFD
+            print(displayable(line), end="", flush=True)
         else:
             self.handle.write(line)
             self.handle.flush()

@@ -40,6 +40,16 @@ from .fetch import SCHEMES
 from .images import load_image
 from .tokenizer import tokenize
 
+# A file name that is not UTF-8 (an old Windows or camera wrote "caf\xe9.jpg" in Latin-1) reaches Python as a str
+# with lone surrogates ("caf\udce9.jpg"). Results files keep it so that --resume finds the photo again: a CSV row
+# holds the name's own bytes (written and read with this error handler), a JSON line \udcXX escapes (still UTF-8).
+SURROGATES = "surrogateescape"
+
+
+def displayable(text: str) -> str:
+    """``text`` with such a name's undecodable bytes shown as U+FFFD (for a terminal or a page)."""
+    return text.encode("utf-8", SURROGATES).decode("utf-8", "replace")
+
 THUMB_SIZE = 192  # longest side of an embedded thumbnail, px (cards are 192 px wide)
 THUMB_QUALITY = 72
 SORT_FIELDS = ("per_word", "score", "logprob")  # the page's "least certain first" orders
@@ -74,7 +84,7 @@ def read_results(path: str | Path) -> list[dict]:
 
 def _read_results(path: Path) -> list[dict]:
     if path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8", errors=SURROGATES, newline="") as f:
             rows = list(csv.DictReader(f))
         if rows and "path" not in rows[0]:
             raise ConfigError(f"{path}: not a `captioner caption` CSV (no 'path' column)")
@@ -176,7 +186,7 @@ def link(path: Path, report_dir: Path) -> str:
         rel = os.path.relpath(target, report_dir.resolve())
     except ValueError:  # another drive on Windows: no relative path exists
         return target.as_uri()
-    return urllib.parse.quote(Path(rel).as_posix())
+    return urllib.parse.quote(os.fsencode(Path(rel).as_posix()))  # bytes: a non-UTF-8 name's own, percent-encoded
 
 
 def add_images(entries: list[dict], report_dir: Path, link_images: bool = False,
@@ -203,6 +213,7 @@ def add_images(entries: list[dict], report_dir: Path, link_images: bool = False,
 def script_json(data: object) -> str:
     """JSON that is safe inside ``<script>``: no ``<``, ``>``, ``&`` or line separators left literal."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates (SURROGATES) as \udcXX
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)

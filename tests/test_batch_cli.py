@@ -311,3 +311,30 @@ def test_progress_is_drawn_per_burst_of_results_not_at_the_first_one(trained_run
                   stream=paused)
     drawn = capsys.readouterr().err.replace("\r", "\n")
     assert " 3/6 " in drawn and " 1/6 " not in drawn and " 4/6 " not in drawn
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_file_names_that_are_not_utf8_or_hold_a_newline_are_written_resumed_and_reported(trained_run, tmp_path,
+                                                                                          capsys, suffix):
+    """Old Windows systems and cameras wrote Latin-1 names ("caf\\xe9.jpg"), which reach Python with a lone surrogate:
+    writing its row raised UnicodeEncodeError and ended the run. A CSV name holding a newline (quoted over two
+    lines) was not found again by --resume, so the photo was captioned twice."""
+    import shutil
+
+    from captioner.report import read_results
+    folder = tmp_path / "photos"
+    good_folder(folder, 1)
+    names = (b"img_0.jpg", b"caf\xe9.jpg", b"new\nline.jpg")
+    for name in names[1:]:
+        shutil.copy(folder / "img_0.jpg", os.path.join(os.fsencode(folder), name))
+    out = tmp_path / f"out{suffix}"
+    code, _, err = caption(capsys, trained_run, folder, "-o", out)
+    assert code == 0 and "captioned 3 of 3 image(s); 0 failed" in err
+    code, _, err = caption(capsys, trained_run, folder, "-o", out, "--resume")
+    assert code == 0 and "captioned 3 of 3 image(s) (3 from a previous run)" in err
+    assert {r["path"] for r in read_results(out)} == {os.path.join(str(folder), os.fsdecode(n)) for n in names}
+    page = tmp_path / "report.html"
+    assert main(["report", str(out), "--html", str(page), "--link-images"]) == 0
+    assert "caf%E9.jpg" in page.read_text(encoding="utf-8")  # the link is the name's own bytes
+    assert main(["report", str(out), "--html", str(page)]) == 0  # thumbnails embedded, the name as \udce9 in JSON
+    assert "caf\\udce9.jpg" in page.read_text(encoding="utf-8")
