@@ -47,6 +47,10 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
     files: list[str] = []
     missing: dict[str, str] = {}
     ignored = unread_raw = 0
+
+    def unreadable(err: OSError) -> None:  # without it os.walk passes over such a folder without a word
+        missing[err.filename] = f"cannot read this folder ({err.strerror}): its photos were not captioned"
+
     for item in items:
         if is_url(item):
             files.append(item)
@@ -58,7 +62,7 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         found, others, raws = len(files), ignored, unread_raw
         for m in matches:
             if os.path.isdir(m):
-                for root, dirs, names in os.walk(m):
+                for root, dirs, names in os.walk(m, onerror=unreadable):
                     dirs.sort()
                     for name in sorted(names):
                         path = os.path.join(root, name)
@@ -75,8 +79,9 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         if len(files) == found:  # only folders, and no image file in them
             raw_note = (f"; {unread_raw - raws} camera RAW file(s), read with rawpy: {RAW_INSTALL}"
                         if unread_raw > raws else "")
-            missing[item] = (f"{'a folder' if os.path.isdir(item) else 'only folders'} without image files "
-                             f"({ignored - others} other file(s){raw_note}; read here: {' '.join(IMAGE_EXTENSIONS)})")
+            missing.setdefault(item, f"{'a folder' if os.path.isdir(item) else 'only folders'} without image "
+                                     f"files ({ignored - others} other file(s){raw_note}; read here: "
+                                     f"{' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()
     return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored, unread_raw)
 

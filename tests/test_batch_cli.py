@@ -338,3 +338,27 @@ def test_file_names_that_are_not_utf8_or_hold_a_newline_are_written_resumed_and_
     assert "caf%E9.jpg" in page.read_text(encoding="utf-8")  # the link is the name's own bytes
     assert main(["report", str(out), "--html", str(page)]) == 0  # thumbnails embedded, the name as \udce9 in JSON
     assert "caf\\udce9.jpg" in page.read_text(encoding="utf-8")
+
+
+def test_a_folder_that_cannot_be_read_is_an_error_line_not_silently_skipped(trained_run, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A photo library with a subfolder this user may not read (a NAS share, another user's folder): os.walk
+    passed over it without a word, so its photos were silently missing from the results. (The tests run as root,
+    who may read anything: the refusal is simulated where os.walk lists a folder.)"""
+    good = good_folder(tmp_path / "photos", 2)
+    locked = tmp_path / "photos" / "private"
+    locked.mkdir()
+    draw("red", "square", "white").save(locked / "secret.jpg")
+    listing = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out.jsonl"
+    code, _, err = caption(capsys, trained_run, tmp_path / "photos", "-o", out)
+    assert code == 1
+    assert f"error: {locked}: cannot read this folder (Permission denied): its photos were not captioned" in err
+    assert [r["path"] for r in jsonl(out)] == good
