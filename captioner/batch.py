@@ -55,7 +55,9 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         if is_url(item):
             files.append(item)
             continue
-        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        # a name that exists is that file or folder, even with pattern characters in it ("IMG [1].jpg")
+        pattern = glob.has_magic(item) and not os.path.exists(item)
+        matches = sorted(glob.glob(item, recursive=True)) if pattern else [item]
         if not matches or not all(os.path.exists(m) for m in matches):
             missing[item] = "no such file or folder (or the pattern matched nothing)"
             continue

@@ -362,3 +362,15 @@ def test_a_folder_that_cannot_be_read_is_an_error_line_not_silently_skipped(trai
     assert code == 1
     assert f"error: {locked}: cannot read this folder (Permission denied): its photos were not captioned" in err
     assert [r["path"] for r in jsonl(out)] == good
+
+
+def test_a_file_whose_name_looks_like_a_pattern_is_that_file(trained_run, tmp_path, capsys):
+    """"IMG [1].jpg" exists: it was globbed as a pattern ("IMG 1.jpg"), matched nothing and was reported missing.
+    A pattern that names no existing file is still a pattern."""
+    folder = tmp_path / "photos"
+    good = good_folder(folder, 2)
+    bracketed = folder / "IMG [1].jpg"
+    draw("red", "square", "white").save(bracketed)
+    code, _, err = caption(capsys, trained_run, bracketed, f"{folder}/img_[0-1].jpg", "-o", tmp_path / "o.jsonl")
+    assert code == 0, err
+    assert [r["path"] for r in jsonl(tmp_path / "o.jsonl")] == [str(bracketed), *good]
