@@ -7,7 +7,8 @@ import glob
 import io
 import json
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -36,6 +37,7 @@ class Inputs:
     missing: dict[str, str]  # argument -> why it gave no image file
     ignored: int  # files in folders without an image extension
     unread_raw: int = 0  # camera RAW files in folders, passed over: rawpy is not installed
+    ignored_types: dict[str, int] = field(default_factory=dict)  # their extensions ("" for none) -> count
 
 
 def expand_inputs(items: Iterable[str]) -> Inputs:
@@ -47,6 +49,7 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
     files: list[str] = []
     missing: dict[str, str] = {}
     ignored = unread_raw = 0
+    types: Counter[str] = Counter()
 
     def unreadable(err: OSError) -> None:  # without it os.walk passes over such a folder without a word
         missing[err.filename] = f"cannot read this folder ({err.strerror}): its photos were not captioned"
@@ -76,6 +79,7 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
                             unread_raw += 1
                         else:
                             ignored += 1
+                            types[os.path.splitext(name)[1].lower()] += 1
             else:
                 files.append(m)
         if len(files) == found:  # only folders, and no image file in them
@@ -85,7 +89,7 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
                                      f"files ({ignored - others} other file(s){raw_note}; read here: "
                                      f"{' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()
-    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored, unread_raw)
+    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored, unread_raw, dict(types))
 
 
 def infer_format(out: Path | None, fmt: str | None) -> str:
@@ -256,6 +260,6 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     failures += metadata.failures() if metadata is not None else []
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
             "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored,
-            "unread_raw": inputs.unread_raw,
+            "unread_raw": inputs.unread_raw, "ignored_types": inputs.ignored_types,
             "review": sum(r.get("review") in (True, "True") for r in sink.done.values()),  # CSV rows read back: str
             "records": [*sink.done.values(), *failures[:len(inputs.missing)]]}  # every input once, for --html

@@ -342,6 +342,11 @@ def cmd_caption(args) -> int:
         print(line, file=sys.stderr)
     for failure in summary["failed"]:
         print(f"error: {failure['path']}: {failure['error']}", file=sys.stderr)
+    if summary["ignored_types"]:  # so that photos in a format not read here are noticed, not silently missing
+        kinds = sorted(summary["ignored_types"].items(), key=lambda kv: (-kv[1], kv[0]))
+        print(f"note: {summary['ignored_non_images']} other file(s) in the folders are not read as photos ("
+              + ", ".join(f"{ext or 'no extension'} {n}" for ext, n in kinds[:8]) + (", ..." if len(kinds) > 8 else "")
+              + ")", file=sys.stderr)
     if summary["unread_raw"]:
         from captioner.raw import RAW_INSTALL
         print(f"note: {summary['unread_raw']} camera RAW file(s) in the folders were not captioned: reading them "

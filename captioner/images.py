@@ -26,7 +26,9 @@ from .raw import is_raw, read_raw
 # a str may also be an http(s) URL; bytes are an image file's contents (an upload, a download, a database blob)
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 BYTES = (bytes, bytearray, memoryview)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+# .jfif/.jpe/.jif: JPEG under the names browsers (Chrome on Windows) and old tools save it as
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".jif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic",
+                    ".heif", ".avif")
 # ISO BMFF brands (bytes 8-12 of an "ftyp" box) of HEVC-coded HEIF: what iPhones save photos as since iOS 11
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
 AVIF_BRANDS = (b"avif", b"avis")

@@ -374,3 +374,18 @@ def test_a_file_whose_name_looks_like_a_pattern_is_that_file(trained_run, tmp_pa
     code, _, err = caption(capsys, trained_run, bracketed, f"{folder}/img_[0-1].jpg", "-o", tmp_path / "o.jsonl")
     assert code == 0, err
     assert [r["path"] for r in jsonl(tmp_path / "o.jsonl")] == [str(bracketed), *good]
+
+
+def test_jfif_photos_are_read_and_the_files_passed_over_are_named_by_type(trained_run, tmp_path, capsys):
+    """Chrome on Windows saves JPEGs as .jfif: a folder scan skipped them without a word. Other files in the folders
+    (videos, sidecars) are now counted by extension in one note, so a photo format not read here is noticed."""
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    draw("red", "square", "white").save(folder / "a.jfif", "JPEG")
+    draw("blue", "circle", "black").save(folder / "b.jpg")
+    for name in ("c.MOV", "d.mov", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    code, _, err = caption(capsys, trained_run, folder, "-o", tmp_path / "o.jsonl")
+    assert code == 0, err
+    assert [Path(r["path"]).name for r in jsonl(tmp_path / "o.jsonl")] == ["a.jfif", "b.jpg"]
+    assert "note: 3 other file(s) in the folders are not read as photos (.mov 2, .txt 1)" in err
