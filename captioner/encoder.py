@@ -71,6 +71,9 @@ PACKAGED_WEIGHTS = {
 }
 
 
+MAX_ASPECT = 16  # ``Preprocess.cropped``: longer than this many times the shorter side is a strip, not a photo
+
+
 @dataclass
 class Preprocess:
     """Resize (shorter side) -> centre crop -> [0,1] tensor -> normalise. Values come from the weights."""
@@ -92,8 +95,22 @@ class Preprocess:
         return self.normalise(self.cropped(img))
 
     def cropped(self, img: Image.Image) -> Image.Image:
-        """The resize and centre crop, still 8-bit RGB."""
-        img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        """The resize and centre crop, still 8-bit RGB.
+
+        An image more than ``MAX_ASPECT`` times as long as it is wide is resized only where the crop falls (PIL's
+        ``box``: the same filter over the same pixels, the last bit may differ): resized whole, a 2000x1 strip
+        became 512,000x256 pixels (~400 MB, 1 s) for a 224-pixel crop, and a 20000x1 one, a 60 kB upload, ten times
+        that. Photos, panoramas up to 16:1 included, are resized whole as before."""
+        w, h = img.size
+        long_side = int(self.resize * max(w, h) / min(w, h))  # torchvision's: the shorter side becomes ``resize``
+        if long_side > MAX_ASPECT * self.resize:
+            start = int(round((long_side - self.crop) / 2.0))  # where ``center_crop`` starts along the long side
+            scale = long_side / max(w, h)
+            size, box = (((self.crop, self.resize), (start / scale, 0, (start + self.crop) / scale, h)) if w >= h else
+                         ((self.resize, self.crop), (0, start / scale, w, (start + self.crop) / scale)))
+            img = img.resize(size, TF.pil_modes_mapping[InterpolationMode(self.interpolation)], box=box)
+        else:
+            img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
         return TF.center_crop(img, [self.crop, self.crop])
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:

@@ -148,3 +148,22 @@ def test_a_jpeg_between_the_warning_and_error_limits_is_read_drafted_only(tmp_pa
         load_image(png, min_side=256)  # PNG has no reduced decode
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_image(big, min_side=1000)  # no draft reaches 1000 px a side: decoded whole, over the limit
+
+
+@pytest.mark.parametrize("size", [(2000, 1), (1, 3000), (400, 8), (6000, 100), (4097, 256)])
+def test_a_strip_is_resized_only_where_the_crop_falls(size):
+    """A 2000x1 image was resized whole to 512,000x256 pixels (~400 MB, a second) for a 224x224 crop; a 20000x1
+    upload (60 kB) ten times that. Resized where the crop falls, the crop has the same pixels (checked against the
+    whole resize here) at a fraction of the cost."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    pre = Preprocess()
+    start = time.perf_counter()
+    crop = pre.cropped(img)
+    took = time.perf_counter() - start
+    whole = TF.center_crop(TF.resize(img, [pre.resize], interpolation=InterpolationMode(pre.interpolation),
+                                     antialias=True), [pre.crop, pre.crop])
+    assert np.abs(np.asarray(crop, int) - np.asarray(whole, int)).max() <= 1
+    assert took < 0.1  # 1 s for the 2000x1 strip resized whole, on this project's CPU
