@@ -22,8 +22,8 @@ from .images import IMAGE_EXTENSIONS
 from .manifest import load_manifest
 from .metadata import MetadataWriter
 from .raw import RAW_INSTALL, is_raw
-from .report import SURROGATES, displayable
 from .raw import available as raw_readable
+from .report import SURROGATES, displayable
 
 FORMATS = ("jsonl", "csv", "coco")
 CSV_FIELDS = ("path", "caption", "score", "logprob", "error", "confidence", "review")
