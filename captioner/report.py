@@ -94,7 +94,7 @@ def _read_results(path: Path) -> list[dict]:
                           "(`captioner caption ... -o captions.jsonl`)")
     records = []
     text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
+    lines = text.split("\n")  # not splitlines(): a JSON line may hold U+2028 or U+0085 (in a file name)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

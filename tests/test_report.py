@@ -119,6 +119,15 @@ def test_jsonl_half_written_last_line_is_left_out_a_bad_middle_line_is_named(tmp
         read_results(path)
 
 
+def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
+    """`captioner caption` writes UTF-8 JSON lines, where U+2028 and U+0085 (in a file name) stay literal;
+    str.splitlines() also splits at them, which made such a results file "not a JSON line"."""
+    records = [{"path": "a\u2028b.jpg", "caption": "x"}, {"path": "c\x85d.jpg", "caption": "y"}]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert read_results(results) == records
+
+
 def test_coco_results_and_missing_files_are_clear_errors(tmp_path, capsys):
     (tmp_path / "r.json").write_text("[]")
     assert main(["report", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")]) == 2
