@@ -21,7 +21,7 @@ from PIL import features as pil_features  # not captioner.features
 
 from .errors import ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
-from .raw import is_raw, read_raw
+from .raw import is_raw, is_thumbnail, read_raw
 
 # a str may also be an http(s) URL; bytes are an image file's contents (an upload, a download, a database blob)
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
@@ -201,12 +201,17 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                         raise ImageLoadError(name, "file not found")
                     if stream.stat().st_size == 0:
                         raise ImageLoadError(name, "empty file (0 bytes)")
-                if isinstance(stream, Path) and is_raw(stream):
-                    img = read_raw(stream, name, min_side, lambda data: _open_first_frame(data, name, min_side))
-                else:
+                raw = isinstance(stream, Path) and is_raw(stream)
+                if not raw:
                     with _open_first_frame(stream, name, min_side) as opened:
-                        opened.load()
-                        img = opened.copy()
+                        raw = is_thumbnail(opened)  # a camera RAW by content: bytes, a download, a renamed file
+                        if not raw:
+                            opened.load()
+                            img = opened.copy()
+                if raw:
+                    if isinstance(stream, io.BytesIO):
+                        stream.seek(0)
+                    img = read_raw(stream, name, min_side, lambda data: _open_first_frame(data, name, min_side))
             img = ImageOps.exif_transpose(img)
             if img.width == 0 or img.height == 0:
                 raise ImageLoadError(name, f"image has no pixels ({img.width}x{img.height})")

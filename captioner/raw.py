@@ -42,7 +42,14 @@ def available() -> bool:
     return importlib.util.find_spec("rawpy") is not None
 
 
-def read_raw(path: Path, name: str, min_side: int | None,
+def is_thumbnail(img: Image.Image) -> bool:
+    """Whether Pillow opened a TIFF directory that calls itself a reduced-resolution copy of another image in the
+    file (NewSubfileType bit 0): what the first directory of a TIFF-based camera RAW is, so the file is one whatever
+    its name says (an image's bytes, a download, a renamed file)."""
+    return img.format == "TIFF" and bool(getattr(img, "tag_v2", {}).get(254, 0) & 1)
+
+
+def read_raw(source: Path | io.BytesIO, name: str, min_side: int | None,
              open_jpeg: Callable[[io.BytesIO], Image.Image]) -> Image.Image:
     """The upright photo of a camera RAW file: its embedded preview when that has a shorter side of at least
     ``min_side`` (no ``min_side``: the sensor's, i.e. every pixel), else LibRaw's demosaic (camera white balance,
@@ -51,10 +58,10 @@ def read_raw(path: Path, name: str, min_side: int | None,
     try:
         import rawpy
     except ImportError:
-        raise ImageLoadError(name, f"a camera RAW photo ({path.suffix}): reading it needs rawpy "
-                                   f"({RAW_INSTALL})") from None
+        kind = source.suffix if isinstance(source, Path) and is_raw(source) else "its first image is a thumbnail"
+        raise ImageLoadError(name, f"a camera RAW photo ({kind}): reading it needs rawpy ({RAW_INSTALL})") from None
     try:
-        with rawpy.imread(str(path)) as raw:
+        with rawpy.imread(str(source) if isinstance(source, Path) else source) as raw:
             short = min(raw.sizes.width, raw.sizes.height)
             preview = _preview(raw, rawpy, min_side or short, open_jpeg)
             if preview is not None:

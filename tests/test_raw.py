@@ -139,6 +139,23 @@ def test_a_damaged_colour_pattern_gives_a_grey_photo_not_a_crash(tmp_path):
     assert img.mode == "RGB" and img.width * 3 == img.height * 4  # whatever size LibRaw makes of it
 
 
+def test_a_raw_file_without_its_name_is_read_as_one(tmp_path):
+    """Its bytes (an upload through the API, a database blob) or a renamed copy: Pillow opened the first directory,
+    the 160x120 thumbnail, and that was captioned. That directory says it is a reduced-resolution copy of another
+    image in the file, so such a file goes to LibRaw; an ordinary TIFF is read by Pillow as before."""
+    path = write_dng(tmp_path / "DSC_0008.NEF", quadrant(320, 240), preview=quadrant(640, 480), orientation=6)
+    renamed = tmp_path / "photo.tif"
+    renamed.write_bytes(path.read_bytes())
+    expected = np.asarray(load_image(path, min_side=256))
+    for src in (path.read_bytes(), renamed):
+        assert np.array_equal(np.asarray(load_image(src, min_side=256)), expected)
+    scan = tmp_path / "scan.tif"
+    quadrant(320, 240).save(scan)
+    assert load_image(scan).size == (320, 240)
+    message = load_error_without("rawpy", renamed)
+    assert str(renamed) in message and "its first image is a thumbnail" in message and "pip install rawpy" in message
+
+
 def test_raw_without_rawpy_names_the_file_and_what_to_install(tmp_path):
     path = write_dng(tmp_path / "IMG_0004.CR2", quadrant(320, 240), preview=quadrant(640, 480))
     message = load_error_without("rawpy", path)
