@@ -19,7 +19,7 @@ from .decoding import DecodeConfig
 from .errors import ConfigError
 from .fetch import is_url
 from .images import IMAGE_EXTENSIONS
-from .manifest import load_manifest
+from .manifest import json_text, load_manifest
 from .metadata import MetadataWriter
 from .raw import RAW_INSTALL, is_raw
 from .raw import available as raw_readable
@@ -186,9 +186,7 @@ class Sink:
             csv.writer(buf).writerow([record.get(k, "") for k in CSV_FIELDS])
             line = buf.getvalue()
         else:
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            if displayable(line) != line:  # a name that is not UTF-8: \udcXX escapes keep the line UTF-8
-                line = json.dumps(record) + "\n"
+            line = json_text(record) + "\n"
         if self.handle is None:  # a terminal or pipe: an undecodable name byte is shown as U+FFFD
             print(displayable(line), end="", flush=True)
         else:

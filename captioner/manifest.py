@@ -25,11 +25,24 @@ class Record:
     captions: list[str]
 
 
+def json_text(data: object, **options) -> str:
+    """JSON with non-ASCII text kept readable, unless a file name that is not UTF-8 is in it (old Windows systems
+    and cameras wrote Latin-1 names, which reach Python with lone surrogates: "caf\\udce9.jpg") and would make the
+    text unwritable as UTF-8: then it is escaped (\\udce9), which ``json.load`` reads back to the same str, so the
+    file is found again."""
+    text = json.dumps(data, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, **options)
+    return text
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON through a temp file + rename so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write(json_text(data, indent=1))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

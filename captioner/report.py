@@ -38,11 +38,13 @@ from typing import Iterable
 from .errors import CaptionerError, ConfigError
 from .fetch import SCHEMES
 from .images import load_image
+from .manifest import json_text
 from .tokenizer import tokenize
 
 # A file name that is not UTF-8 (an old Windows or camera wrote "caf\xe9.jpg" in Latin-1) reaches Python as a str
 # with lone surrogates ("caf\udce9.jpg"). Results files keep it so that --resume finds the photo again: a CSV row
-# holds the name's own bytes (written and read with this error handler), a JSON line \udcXX escapes (still UTF-8).
+# holds the name's own bytes (written and read with this error handler), a JSON line \udcXX escapes
+# (``manifest.json_text``: the line stays UTF-8).
 SURROGATES = "surrogateescape"
 
 
@@ -212,8 +214,7 @@ def add_images(entries: list[dict], report_dir: Path, link_images: bool = False,
 
 def script_json(data: object) -> str:
     """JSON that is safe inside ``<script>``: no ``<``, ``>``, ``&`` or line separators left literal."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates (SURROGATES) as \udcXX
+    text = json_text(data, separators=(",", ":"))  # a name that is not UTF-8 as \udcXX escapes
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)

@@ -192,6 +192,25 @@ def test_folder_of_photos_with_same_name_txt_captions(tmp_path, capsys):
     assert again[0] == 0 and read(tmp_path / "d2", "manifest.json") == read(tmp_path / "d", "manifest.json")
 
 
+def test_a_photo_whose_name_is_not_utf8_is_prepared(tmp_path, capsys):
+    """An old Windows system or camera wrote "caf\xe9.jpg" in Latin-1: the name reaches Python with a lone surrogate,
+    and writing the manifest raised UnicodeEncodeError, so the whole dataset could not be prepared. The manifest
+    now holds it escaped, and reading it back gives a path that opens the photo."""
+    import os
+    folder = tmp_path / "mine"
+    names = photos(folder, 4)
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    os.rename(folder / names[0], odd)
+    for name in names[1:]:
+        (folder / name).with_suffix(".txt").write_text("a photo of a shape\n", encoding="utf-8")
+    with open(odd[:-4] + b".txt", "w", encoding="utf-8") as f:
+        f.write("a photo of a caf\u00e9\n")
+    code, out, _ = run(capsys, "prepare", "folder", folder, "--out", tmp_path / "d", "--min-count", "1")
+    assert code == 0, out
+    paths = [r["path"] for r in read(tmp_path / "d", "manifest.json")["records"]]
+    assert os.fsdecode(odd) in paths and all(os.path.exists(p) for p in paths)
+
+
 # --- someone else's annotated set, test split only ----------------------------------------------------------------
 
 
