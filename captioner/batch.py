@@ -160,7 +160,7 @@ class Sink:
         if self.fmt == "csv":
             units = [(row, self._parse_row(row)) for row in csv.reader(io.StringIO(text, newline=""))]
         else:  # "\n" only: a JSON line may hold U+2028 or U+0085, which str.splitlines would also split at
-            units = [(line, json.loads(line)) for line in text.split("\n")[:-1]]
+            units = [(line, self._parse_line(line, number)) for number, line in enumerate(text.split("\n")[:-1], 1)]
         kept = [unit for unit, rec in units if rec is None or "error" not in rec]
         self.done.update((rec["path"], rec) for _, rec in units if rec is not None and "error" not in rec)
         if len(kept) != len(units):
@@ -171,6 +171,19 @@ class Sink:
                 else:
                     f.write("".join(line + "\n" for line in kept))
             os.replace(tmp, self.stream_path)
+
+    def _parse_line(self, line: str, number: int) -> dict:
+        """A JSON line's record; a damaged one (not the half-written last line, which is cut off) stops the resume
+        with its place: which photo it held cannot be told, and guessing could caption one twice or never."""
+        try:
+            record = json.loads(line)
+            why = None if isinstance(record, dict) and "path" in record else "no 'path'"
+        except json.JSONDecodeError as err:
+            why = err.msg
+        if why:
+            raise ConfigError(f"{self.stream_path}:{number}: not a record of this command ({why}); remove that line "
+                              "and --resume again, or run without --resume to start over")
+        return record
 
     @staticmethod
     def _parse_row(row: list[str]) -> dict | None:

@@ -389,3 +389,19 @@ def test_jfif_photos_are_read_and_the_files_passed_over_are_named_by_type(traine
     assert code == 0, err
     assert [Path(r["path"]).name for r in jsonl(tmp_path / "o.jsonl")] == ["a.jfif", "b.jpg"]
     assert "note: 3 other file(s) in the folders are not read as photos (.mov 2, .txt 1)" in err
+
+
+def test_resume_stops_at_a_damaged_middle_line_naming_it(trained_run, tmp_path, capsys):
+    """A line torn in the middle of a results file (a disk error, two runs writing one file): --resume ended in a
+    JSONDecodeError traceback. It stops with the file and line instead, and leaves the file as it was."""
+    folder = tmp_path / "photos"
+    good_folder(folder, 3)
+    out = tmp_path / "out.jsonl"
+    assert caption(capsys, trained_run, folder, "-o", out)[0] == 0
+    lines = out.read_text(encoding="utf-8").split("\n")
+    lines.insert(1, '{"path": "/elsewhere/x.jpg", "capt')
+    out.write_text("\n".join(lines), encoding="utf-8")
+    before = out.read_bytes()
+    code, _, err = caption(capsys, trained_run, folder, "-o", out, "--resume")
+    assert code == 2 and f"{out}:2: not a record of this command" in err and "without --resume" in err
+    assert out.read_bytes() == before
