@@ -76,8 +76,8 @@ def read_raw(source: Path | io.BytesIO, name: str, min_side: int | None,
                 raise ImageLoadError(name, f"unreadable or corrupt camera RAW file ({pixels.shape[-1]} colours)")
             return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)  # one colour: grey
     except rawpy.LibRawFileUnsupportedError:
-        raise ImageLoadError(name, "not a camera RAW file LibRaw can read (an unsupported camera, or not RAW "
-                                   "despite its extension)") from None
+        raise ImageLoadError(name, "not a camera RAW file LibRaw can read (an unsupported camera, or a file that "
+                                   "only looks like one by its name or its thumbnail)") from None
     except rawpy.LibRawError as err:
         raise ImageLoadError(name, f"unreadable or corrupt camera RAW file ({_text(err)})") from None
 
