@@ -19,11 +19,10 @@ from .decoding import DecodeConfig
 from .errors import ConfigError
 from .fetch import is_url
 from .images import IMAGE_EXTENSIONS
-from .manifest import json_text, load_manifest
+from .manifest import SURROGATES, displayable, json_text, load_manifest
 from .metadata import MetadataWriter
 from .raw import RAW_INSTALL, is_raw
 from .raw import available as raw_readable
-from .report import SURROGATES, displayable
 
 FORMATS = ("jsonl", "csv", "coco")
 CSV_FIELDS = ("path", "caption", "score", "logprob", "error", "confidence", "review")
@@ -35,9 +34,13 @@ class Inputs:
 
     files: list[str]
     missing: dict[str, str]  # argument -> why it gave no image file
-    ignored: int  # files in folders without an image extension
+    ignored_types: dict[str, int] = field(default_factory=dict)  # files in folders not read, by extension ("": none)
     unread_raw: int = 0  # camera RAW files in folders, passed over: rawpy is not installed
-    ignored_types: dict[str, int] = field(default_factory=dict)  # their extensions ("" for none) -> count
+
+    @property
+    def ignored(self) -> int:
+        """How many files in the folders were passed over (not images, not RAW)."""
+        return sum(self.ignored_types.values())
 
 
 def expand_inputs(items: Iterable[str]) -> Inputs:
@@ -48,8 +51,8 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
     RAW+JPEG folder is still captioned through its JPEGs, and a named RAW file gets the error saying what to install."""
     files: list[str] = []
     missing: dict[str, str] = {}
-    ignored = unread_raw = 0
-    types: Counter[str] = Counter()
+    unread_raw = 0
+    types: Counter[str] = Counter()  # the files passed over, by extension
 
     def unreadable(err: OSError) -> None:  # without it os.walk passes over such a folder without a word
         missing[err.filename] = f"cannot read this folder ({err.strerror}): its photos were not captioned"
@@ -64,21 +67,19 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         if not matches or not all(os.path.exists(m) for m in matches):
             missing[item] = "no such file or folder (or the pattern matched nothing)"
             continue
-        found, others, raws = len(files), ignored, unread_raw
+        found, others, raws = len(files), types.total(), unread_raw
         for m in matches:
             if os.path.isdir(m):
                 for root, dirs, names in os.walk(m, onerror=unreadable):
                     dirs.sort()
                     for name in sorted(names):
                         path = os.path.join(root, name)
-                        if os.path.isdir(path):
-                            ignored += 1
-                        elif name.lower().endswith(IMAGE_EXTENSIONS) or (is_raw(name) and raw_readable()):
+                        image = not os.path.isdir(path)  # a link to a folder is listed here and not followed
+                        if image and (name.lower().endswith(IMAGE_EXTENSIONS) or (is_raw(name) and raw_readable())):
                             files.append(path)
-                        elif is_raw(name):
+                        elif image and is_raw(name):
                             unread_raw += 1
                         else:
-                            ignored += 1
                             types[os.path.splitext(name)[1].lower()] += 1
             else:
                 files.append(m)
@@ -86,10 +87,10 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
             raw_note = (f"; {unread_raw - raws} camera RAW file(s), read with rawpy: {RAW_INSTALL}"
                         if unread_raw > raws else "")
             missing.setdefault(item, f"{'a folder' if os.path.isdir(item) else 'only folders'} without image "
-                                     f"files ({ignored - others} other file(s){raw_note}; read here: "
+                                     f"files ({types.total() - others} other file(s){raw_note}; read here: "
                                      f"{' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()
-    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, ignored, unread_raw, dict(types))
+    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, dict(types), unread_raw)
 
 
 def infer_format(out: Path | None, fmt: str | None) -> str:

@@ -47,3 +47,9 @@ class TrainingError(CaptionerError, RuntimeError):
 
 USER_ERRORS: tuple[type[Exception], ...] = (CaptionerError,)
 """What the CLI and the app print as one line (argparse reports its own usage errors)."""
+
+
+# What decoders raise for a damaged file (Pillow's UnidentifiedImageError is an OSError; RuntimeError is libheif's,
+# through pillow-heif): ``images.load_image``, ``raw`` and ``metadata`` treat such a file as unreadable, one error
+# line, instead of ending a batch.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, RuntimeError)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import features as pil_features  # not captioner.features
 
-from .errors import ImageLoadError
+from .errors import UNREADABLE, ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
 from .raw import is_raw, is_thumbnail, read_raw
 
@@ -222,5 +222,5 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
         raise ImageLoadError(name, f"refused as a possible decompression bomb ({err})") from None
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not an image (Pillow cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as err:  # RuntimeError: libheif's (pillow-heif)
+    except UNREADABLE as err:
         raise ImageLoadError(name, f"unreadable or corrupt image ({str(err).strip()})") from None

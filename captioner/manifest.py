@@ -25,11 +25,21 @@ class Record:
     captions: list[str]
 
 
+# File names that are not UTF-8: old Windows systems and cameras wrote Latin-1 names ("caf\xe9.jpg"), which reach
+# Python as str with lone surrogates ("caf\udce9.jpg"). Files that list photos keep them so that the photo is found
+# again (--resume, a manifest): a CSV row holds the name's own bytes (written and read with this error handler), JSON
+# escapes them (``json_text``); a terminal or a page shows them as U+FFFD (``displayable``).
+SURROGATES = "surrogateescape"
+
+
+def displayable(text: str) -> str:
+    """``text`` with a name's undecodable bytes shown as U+FFFD."""
+    return text.encode("utf-8", SURROGATES).decode("utf-8", "replace")
+
+
 def json_text(data: object, **options) -> str:
-    """JSON with non-ASCII text kept readable, unless a file name that is not UTF-8 is in it (old Windows systems
-    and cameras wrote Latin-1 names, which reach Python with lone surrogates: "caf\\udce9.jpg") and would make the
-    text unwritable as UTF-8: then it is escaped (\\udce9), which ``json.load`` reads back to the same str, so the
-    file is found again."""
+    """JSON with non-ASCII text kept readable, unless a name that is not UTF-8 (``SURROGATES``) would make it
+    unwritable as UTF-8: then it is escaped (\\udce9), which ``json.load`` reads back to the same str."""
     text = json.dumps(data, ensure_ascii=False, **options)
     try:
         text.encode("utf-8")

@@ -38,7 +38,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ImageLoadError
+from .errors import UNREADABLE, ImageLoadError
 from .fetch import is_url
 from .images import open_image
 from .raw import is_raw
@@ -142,7 +142,6 @@ class MetadataWriter:
 def _write_embedded(path: Path, caption: str, kinds: list[str], dry_run: bool, overwrite: bool) -> list[Outcome]:
     """One read, one atomic replace for all embedded kinds of a photo."""
     import pyexiv2
-    from PIL import UnidentifiedImageError
 
     name = str(path)
     real = Path(os.path.realpath(path))
@@ -160,7 +159,7 @@ def _write_embedded(path: Path, caption: str, kinds: list[str], dry_run: bool, o
         return fail("file vanished before its caption could be written")
     except ImageLoadError as err:
         return fail(err.reason)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:  # what load_image refuses
+    except UNREADABLE as err:
         return fail(f"cannot read the photo ({err.__class__.__name__}: {err})")
     supported = EMBEDDED.get(fmt or "", ())
     outcomes = {k: Outcome(k, name, "unsupported", f"cannot be stored in a {fmt} file (supported: "

@@ -46,7 +46,7 @@ def is_thumbnail(img: Image.Image) -> bool:
     """Whether Pillow opened a TIFF directory that calls itself a reduced-resolution copy of another image in the
     file (NewSubfileType bit 0): what the first directory of a TIFF-based camera RAW is, so the file is one whatever
     its name says (an image's bytes, a download, a renamed file)."""
-    return img.format == "TIFF" and bool(getattr(img, "tag_v2", {}).get(254, 0) & 1)
+    return img.format == "TIFF" and bool(img.tag_v2.get(254, 0) & 1)
 
 
 def read_raw(source: Path | io.BytesIO, name: str, min_side: int | None,

@@ -38,19 +38,8 @@ from typing import Iterable
 from .errors import CaptionerError, ConfigError
 from .fetch import SCHEMES
 from .images import load_image
-from .manifest import json_text
+from .manifest import SURROGATES, json_text
 from .tokenizer import tokenize
-
-# A file name that is not UTF-8 (an old Windows or camera wrote "caf\xe9.jpg" in Latin-1) reaches Python as a str
-# with lone surrogates ("caf\udce9.jpg"). Results files keep it so that --resume finds the photo again: a CSV row
-# holds the name's own bytes (written and read with this error handler), a JSON line \udcXX escapes
-# (``manifest.json_text``: the line stays UTF-8).
-SURROGATES = "surrogateescape"
-
-
-def displayable(text: str) -> str:
-    """``text`` with such a name's undecodable bytes shown as U+FFFD (for a terminal or a page)."""
-    return text.encode("utf-8", SURROGATES).decode("utf-8", "replace")
 
 THUMB_SIZE = 192  # longest side of an embedded thumbnail, px (cards are 192 px wide)
 THUMB_QUALITY = 72
