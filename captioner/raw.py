@@ -19,7 +19,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .errors import ImageLoadError
+from .errors import UNREADABLE, ImageLoadError
 
 # What cameras save (LibRaw reads these and more); matched case-insensitively on the file name
 RAW_EXTENSIONS = (".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".iiq", ".kdc", ".mos", ".mrw",
@@ -94,11 +94,14 @@ def _preview(raw, rawpy, need: int, open_jpeg: Callable[[io.BytesIO], Image.Imag
         return None
     if thumb.format != rawpy.ThumbFormat.JPEG:
         return None
-    with open_jpeg(io.BytesIO(thumb.data)) as jpeg:  # drafted: .size is what decoding gives
-        if min(jpeg.size) < need:
-            return None
-        jpeg.load()
-        return jpeg.copy()
+    try:
+        with open_jpeg(io.BytesIO(thumb.data)) as jpeg:  # drafted: .size is what decoding gives
+            if min(jpeg.size) < need:
+                return None
+            jpeg.load()
+            return jpeg.copy()
+    except UNREADABLE:  # a damaged preview, which LibRaw does not always refuse: the sensor data may be whole
+        return None
 
 
 def _text(err: Exception) -> str:

@@ -75,6 +75,16 @@ def test_raw_without_a_large_enough_preview_is_demosaiced(tmp_path):
     assert load_image(small, min_side=200).size == (320, 240)  # a JPEG preview too small: demosaiced
 
 
+def test_a_preview_that_libraw_hands_over_damaged_falls_back_to_the_sensor_data(tmp_path):
+    """LibRaw refuses some damaged previews and hands others over (its check passed this one, whose last 3,000 bytes
+    are zeros; the cut-short file of the test above went either way between runs); Pillow then found the JPEG
+    truncated and the whole photo was refused, though its sensor data is whole."""
+    path = write_dng(tmp_path / "zeros.dng", quadrant(320, 240), preview=quadrant(640, 480))
+    data = path.read_bytes()
+    path.write_bytes(data[:-3000] + bytes(3000))  # the preview is stored last
+    assert load_image(path, min_side=200).size == (320, 240)  # demosaiced
+
+
 def test_a_damaged_bitmap_thumbnail_is_not_read_past_its_end(tmp_path):
     """A file whose bitmap thumbnail claims 59,256 rows (found by fuzzing the DNGs of these tests): rawpy wraps
     LibRaw's 57,600-byte copy in a 28 MB array, and reading it killed the process (SIGSEGV). Run in a child
