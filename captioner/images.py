@@ -84,32 +84,66 @@ def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
         return Image.open(stream)
 
 
-def _open_first_frame(stream: Path | io.BytesIO, name: str, min_side: int | None) -> Image.Image:
-    """``open_image`` at the first frame (animated GIF/WebP/PNG), a JPEG drafted to ``min_side`` (``load_image``).
+# A JPEG stored with up to this many times Pillow's bomb-warning limit (89 MP by default: up to 358 MP, every phone
+# sensor's 200 MP and long panoramas) is read when a reduced-scale decode brings it under that limit (``open_header``)
+DRAFTED_JPEG_FACTOR = 4
+JPEG_SOI = b"\xff\xd8\xff"
+
+
+def _large_jpeg(stream: Path | io.BytesIO, min_side: int | None) -> Image.Image | None:
+    """A JPEG Pillow's bomb guard refused from its header, opened without that check and drafted to ``min_side``
+    (no draft without one: only its header is read), when it is one the guard should let through: stored under
+    ``DRAFTED_JPEG_FACTOR`` times the warning limit, baseline (a progressive decode holds the whole photo's DCT
+    coefficients, ~2 bytes a stored pixel, whatever the scale) and decoding under the limit. None otherwise."""
+    if isinstance(stream, io.BytesIO):
+        head = stream.getvalue()[:3]
+    else:
+        with stream.open("rb") as f:
+            head = f.read(3)
+    if head != JPEG_SOI:
+        return None
+    if isinstance(stream, io.BytesIO):
+        stream.seek(0)
+    from PIL import JpegImagePlugin  # what ``Image.open`` calls for a JPEG, before its bomb check
+    opened = JpegImagePlugin.jpeg_factory(stream if isinstance(stream, io.BytesIO) else str(stream))
+    limit, (width, height) = Image.MAX_IMAGE_PIXELS or 0, opened.size
+    if min_side:
+        opened.draft(opened.mode, (min_side, min_side))
+    if (opened.info.get("progressive") or width * height > DRAFTED_JPEG_FACTOR * limit
+            or (min_side and opened.width * opened.height > limit)):
+        opened.close()
+        return None
+    return opened
+
+
+def open_header(stream: Path | io.BytesIO, name: str, min_side: int | None = None) -> Image.Image:
+    """``open_image`` whose decompression-bomb guard judges a large JPEG by what decoding it will cost.
 
     Pillow refuses from the header what it would decode to more than twice ``Image.MAX_IMAGE_PIXELS`` (179 MP by
-    default) and warns above once, which ``load_image`` turns into a refusal. A JPEG in between (a 108 MP phone
-    photo, a long panorama) is read when its draft brings it under the limit (a 108 MP photo decodes at 1/8 scale,
-    1.7 MP), as the memory and time a bomb would cost are the decoded pixels'; any other format, or a caller that
-    wants every pixel (no ``min_side``), is refused as before."""
+    default) and warns above once, which ``load_image`` turns into a refusal. A JPEG above (a 108 MP or 200 MP
+    phone photo, a long panorama) is read when drafting to ``min_side`` brings it under the limit (a 200 MP photo
+    decodes at 1/8 scale, 3.1 MP), as the memory and time a bomb would cost are the decoded pixels'
+    (``_large_jpeg``). Without ``min_side`` (``metadata``, which reads only the header) such a JPEG opens
+    undecoded. Any other format, or a JPEG no draft brings under the limit, raises Pillow's error or warning."""
     try:
-        opened = open_image(stream, name)
-    except Image.DecompressionBombWarning:
-        if not min_side:
-            raise
-        if isinstance(stream, io.BytesIO):
-            stream.seek(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = open_image(stream, name)
-        opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO
-        if opened.format not in ("JPEG", "MPO") or opened.width * opened.height > Image.MAX_IMAGE_PIXELS:
-            opened.close()
+        return open_image(stream, name)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        opened = _large_jpeg(stream, min_side)
+        if opened is None:
             raise
         return opened
+
+
+def _open_first_frame(stream: Path | io.BytesIO, name: str, min_side: int | None) -> Image.Image:
+    """``open_header`` at the first frame (animated GIF/WebP/PNG), a JPEG drafted to ``min_side``
+    (``load_image``); every pixel is wanted without ``min_side``, so no large JPEG is let through then."""
+    if not min_side:
+        opened = open_image(stream, name)
+    else:
+        opened = open_header(stream, name, min_side)
     opened.seek(0)
     if min_side:
-        opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO
+        opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO; again is harmless
     return opened
 
 
@@ -163,8 +197,8 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     scale is the same for both sides, so EXIF orientation, applied afterwards, does not change it.
     Other formats, images smaller than 2x ``min_side`` and PIL/numpy inputs are unaffected. The
     decompression-bomb guard judges the full stored size (Pillow checks it when opening, before any draft),
-    except that a JPEG between Pillow's warning and error limits is read when drafted under the warning limit
-    (``_open_first_frame``: 108 MP phone photos).
+    except that a JPEG above Pillow's warning limit is read when drafted under it (``open_header``: 108 MP and
+    200 MP phone photos).
 
     HEIC/HEIF photos (iPhones) are read when the optional pillow-heif is installed (``open_image``); it applies the
     file's own rotation and resets the EXIF orientation, so nothing is turned twice. Without it, or for AVIF on

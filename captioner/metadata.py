@@ -35,12 +35,15 @@ import contextlib
 import os
 import stat
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from .errors import UNREADABLE, ImageLoadError
 from .fetch import is_url
-from .images import open_image
+from .images import open_header
 from .raw import is_raw
 
 KINDS = ("xmp", "exif", "iptc", "sidecar")
@@ -152,13 +155,17 @@ def _write_embedded(path: Path, caption: str, kinds: list[str], dry_run: bool, o
                 for k in kinds]
     try:
         st = real.stat()
-        with open_image(real, name) as im:  # a HEIC's format too, where nothing has decoded one in this process
-            fmt = im.format
+        with warnings.catch_warnings():  # only the header is read: a large photo's bomb warning is noise here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_header(real, name) as im:  # a HEIC's format too, where nothing decoded one in this process
+                fmt = im.format
         data = real.read_bytes()
     except FileNotFoundError:
         return fail("file vanished before its caption could be written")
     except ImageLoadError as err:
         return fail(err.reason)
+    except Image.DecompressionBombError as err:
+        return fail(f"refused as a possible decompression bomb ({err})")
     except UNREADABLE as err:
         return fail(f"cannot read the photo ({err.__class__.__name__}: {err})")
     supported = EMBEDDED.get(fmt or "", ())

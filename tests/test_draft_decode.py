@@ -122,32 +122,56 @@ def test_jpeg_bomb_is_still_refused_from_the_header(tmp_path):
     assert time.perf_counter() - start < 2.0
 
 
-def test_bomb_limit_judges_the_full_size_not_the_drafted_one(tmp_path, monkeypatch):
+def test_bomb_limit_judges_the_stored_size_far_above_the_limit(tmp_path, monkeypatch):
     path = tmp_path / "big.jpg"
-    Image.new("RGB", (2000, 1500), (10, 120, 200)).save(path, quality=90)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 3 Mpixel > 2x the limit: refused
+    Image.new("RGB", (2400, 1800), (10, 120, 200)).save(path, quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 4.3 Mpixel > 4x the limit: refused
     with pytest.raises(ImageLoadError, match="decompression bomb"):
-        load_image(path, min_side=256)  # although its 1/4 draft (500x375) would be tiny
+        load_image(path, min_side=256)  # although its 1/8 draft (300x225) would be tiny
 
 
-def test_a_jpeg_between_the_warning_and_error_limits_is_read_drafted_only(tmp_path, monkeypatch):
-    """A 108 MP phone photo lies between Pillow's bomb warning (89 MP) and error (179 MP) limits: read when its
-    draft is under the limit, as its decoded pixels are what a bomb would cost. Scaled down here: limit 1 MP, a
-    1.92 MP JPEG (1/4 draft: 400x300). Every pixel asked for, or another format, is refused as before."""
-    big = tmp_path / "phone.jpg"
-    Image.new("RGB", (1600, 1200), (10, 120, 200)).save(big, quality=90)
+def test_a_large_jpeg_above_the_limits_is_read_drafted_only(tmp_path, monkeypatch):
+    """108 MP phone photos lie between Pillow's bomb warning (89 MP) and error (179 MP) limits, 200 MP ones above:
+    read when their draft is under the limit, as their decoded pixels are what a bomb would cost. Scaled down here:
+    limit 1 MP, a 1.92 MP JPEG (1/4 draft: 400x300) and a 3 MP one (1/4: 500x375). Every pixel asked for, a
+    progressive JPEG (decoded whole whatever the scale) above the error limit, or another format, is refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     png = tmp_path / "phone.png"
     Image.new("RGB", (1600, 1200), (10, 120, 200)).save(png)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
-    for src in (big, big.read_bytes()):
-        img = load_image(src, min_side=256)
-        assert img.size == (400, 300) and img.getpixel((200, 150)) == pytest.approx((10, 120, 200), abs=3)
-    with pytest.raises(ImageLoadError, match="decompression bomb"):
-        load_image(big)  # no draft: every pixel
+    for size in ((1600, 1200), (2000, 1500)):
+        big = tmp_path / f"phone{size[0]}.jpg"
+        Image.new("RGB", size, (10, 120, 200)).save(big, quality=90)
+        for src in (big, big.read_bytes()):
+            img = load_image(src, min_side=256)
+            assert img.size == (size[0] // 4, size[1] // 4)
+            assert img.getpixel((200, 150)) == pytest.approx((10, 120, 200), abs=3)
+        with pytest.raises(ImageLoadError, match="decompression bomb"):
+            load_image(big)  # no draft: every pixel
+        with pytest.raises(ImageLoadError, match="decompression bomb"):
+            load_image(big, min_side=1000)  # no draft reaches 1000 px a side: decoded whole, over the limit
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_image(png, min_side=256)  # PNG has no reduced decode
+    progressive = tmp_path / "progressive.jpg"
+    Image.new("RGB", (2000, 1500), (10, 120, 200)).save(progressive, quality=90, progressive=True)
     with pytest.raises(ImageLoadError, match="decompression bomb"):
-        load_image(big, min_side=1000)  # no draft reaches 1000 px a side: decoded whole, over the limit
+        load_image(progressive, min_side=256)
+
+
+@pytest.fixture(scope="module")
+def photo_200mp(tmp_path_factory) -> Path:
+    """The size a 200 MP phone (Samsung's Ultra models) saves: 16320x12240, 199.8 MP, above Pillow's 179 MP."""
+    path = tmp_path_factory.mktemp("large") / "200mp.jpg"
+    Image.new("L", (16320, 12240), 90).save(path, quality=75)  # grey and flat: 0.5 s, 2.3 MB
+    return path
+
+
+def test_a_200_megapixel_phone_photo_is_read_under_pillows_own_limits(photo_200mp):
+    start = time.perf_counter()
+    img = load_image(photo_200mp, min_side=256)
+    assert img.size == (2040, 1530) and img.getpixel((1000, 700)) == pytest.approx((90, 90, 90), abs=2)
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(photo_200mp)  # every pixel: 600 MB
 
 
 @pytest.mark.parametrize("size", [(2000, 1), (1, 3000), (400, 8), (6000, 100), (4097, 256)])

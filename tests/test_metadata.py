@@ -342,3 +342,17 @@ def test_heic_embedded_kinds_are_unsupported_with_the_sidecar_hint_even_where_no
     assert done.stdout.strip() == "unsupported"
     outcome = write_caption(photo, "a dog runs", ["xmp"])[0]
     assert outcome.status == "unsupported" and "sidecar" in outcome.message
+
+
+def test_a_200_megapixel_photo_gets_its_caption(tmp_path):
+    """Pillow's bomb guard refuses to open a JPEG over 179 MP, which the writer did to learn its format: a 200 MP
+    phone photo, captioned through a reduced-scale decode, raised DecompressionBombError out of the batch. Only
+    the header is read: the photo is written like any other."""
+    from PIL import JpegImagePlugin
+    path = tmp_path / "200mp.jpg"
+    Image.new("L", (16320, 12240), 90).save(path, quality=75)
+    assert [o.status for o in write_caption(path, CAPTION, ["xmp", "exif"])] == ["written"] * 2
+    with JpegImagePlugin.jpeg_factory(str(path)) as im:  # Image.open would refuse it
+        assert im.size == (16320, 12240)
+        assert xmp_text(im.info["xmp"], "dc:description") == CAPTION
+        assert im.getexif()[DESCRIPTION] == CAPTION
