@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import features as pil_features  # not captioner.features
 
+from . import colour
 from .errors import UNREADABLE, ImageLoadError
 from .fetch import FetchConfig, fetch_image, is_url
 from .raw import is_raw, is_thumbnail, read_raw
@@ -163,6 +164,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _to_srgb(img: Image.Image, icc: bytes | None, min_side: int | None) -> Image.Image:
+    """``_to_rgb``, then from the colour space of the photo's ICC profile to sRGB (``colour.to_srgb``). Where a
+    profile is converted and ``min_side`` allows, the photo is first box-reduced by a whole factor to no less than
+    ``min_side`` (what a JPEG's draft did already): converting costs ~47 ns a pixel, 0.56 s for a 12 MP HEIC, 5 ms
+    reduced. Photos without a profile or with sRGB's are not reduced (``Preprocess`` resizes them)."""
+    img = _to_rgb(img)
+    if min_side and colour.needs_conversion(img, icc) and min(img.size) >= 2 * min_side:
+        img = img.reduce(min(img.size) // min_side)
+    return colour.to_srgb(img, icc)
+
+
 def _from_array(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -246,10 +258,11 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                     if isinstance(stream, io.BytesIO):
                         stream.seek(0)
                     img = read_raw(stream, name, min_side, lambda data: _open_first_frame(data, name, min_side))
+            icc = img.info.get("icc_profile")
             img = ImageOps.exif_transpose(img)
             if img.width == 0 or img.height == 0:
                 raise ImageLoadError(name, f"image has no pixels ({img.width}x{img.height})")
-            return _to_rgb(img)
+            return _to_srgb(img, icc, min_side)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

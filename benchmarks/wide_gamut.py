@@ -1,0 +1,111 @@
+"""Does reading a Display P3 photo as if it were sRGB change its caption, and does converting it fix that?
+
+iPhones save photos in Display P3 with the profile embedded. This makes such photos from a Flickr8k split: each
+photo converted from sRGB to Display P3 (LittleCMS, perceptual; the profile written from its definition by
+``tests/icc_fixtures.py``) and saved twice with the same pixels, JPEG quality 95: once with the profile (what
+a phone writes; ``load_image`` converts it back to sRGB) and once without (what every reader that ignores
+profiles sees, as ``load_image`` did before colour management). Both are captioned with the model's default
+decoding and greedy, and compared with the captions of the original photos, caption by caption and by corpus
+BLEU-4 / CIDEr-D against the references; beside them the original pixels re-saved the same way (sRGB, quality
+95), whose differences are what re-encoding alone costs. Also the cost of the conversion per photo.
+
+    python benchmarks/wide_gamut.py                      # bundled model, the 1,000 val photos
+    python benchmarks/wide_gamut.py --limit 200 -o /tmp/p3.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]  # runnable from a plain checkout
+
+from PIL import Image, ImageCms  # noqa: E402
+
+from captioner.api import Captioner  # noqa: E402
+from captioner.evaluate import score  # noqa: E402
+from captioner.images import load_image  # noqa: E402
+from data_prep.readers import read_flickr8k  # noqa: E402
+from draft_quality import FLICKR8K, captions, features  # noqa: E402
+from icc_fixtures import DISPLAY_P3, SRGB_CURVE, matrix_profile  # noqa: E402
+
+P3 = matrix_profile(DISPLAY_P3, SRGB_CURVE, "Display P3")
+
+
+def make_p3_copies(paths: list[str], folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(tagged, untagged, resaved) copies: the same Display P3 pixels with and without the profile, and the
+    original sRGB pixels saved the same way."""
+    to_p3 = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(P3)),
+                                    "RGB", "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    copies: dict[str, list[str]] = {kind: [] for kind in ("p3", "untagged", "resaved")}
+    for kind in copies:
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+        p3 = ImageCms.applyTransform(rgb, to_p3)
+        for kind, pixels, options in (("p3", p3, {"icc_profile": P3}), ("untagged", p3, {}), ("resaved", rgb, {})):
+            copies[kind].append(str(folder / kind / Path(path).name))
+            pixels.save(copies[kind][-1], quality=95, **options)
+    return copies["p3"], copies["untagged"], copies["resaved"]
+
+
+def load_ms(paths: list[str], min_side: int) -> float:
+    """Mean milliseconds of ``load_image`` over ``paths`` (files already in the page cache)."""
+    for p in paths:
+        load_image(p, min_side=min_side)
+    t0 = time.perf_counter()
+    for p in paths:
+        load_image(p, min_side=min_side)
+    return (time.perf_counter() - t0) / len(paths) * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
+    parser.add_argument("--flickr8k", type=Path, default=FLICKR8K, help="folder with Flickr8k.token.txt, split lists, images/")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--limit", type=int, default=0, help="only the first N photos of the split")
+    parser.add_argument("-o", "--out", type=Path, default=None, help="write all numbers as JSON")
+    args = parser.parse_args(argv)
+    lists = {"val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+    records, _ = read_flickr8k(args.flickr8k / "Flickr8k.token.txt", {args.split: args.flickr8k / lists[args.split]},
+                               args.flickr8k / "images")
+    records = records[: args.limit or None]
+    cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    folder = Path(tempfile.mkdtemp(prefix="captioner-p3-"))
+    try:
+        originals = [r.path for r in records]
+        tagged, untagged, resaved = make_p3_copies(originals, folder)
+        sets = {"original": originals, "srgb_resaved": resaved, "p3_converted": tagged, "p3_read_as_srgb": untagged}
+        timing = {k: load_ms(sets[k][:200], cap.preprocess.min_side) for k in ("p3_converted", "p3_read_as_srgb")}
+        feats = {k: features(cap, v, full_decode=False)[0] for k, v in sets.items()}
+        report = {"split": args.split, "images": len(records), "load_ms": timing}
+        print(f"{args.split}: {len(records)} photos; load_image per photo: {timing['p3_converted']:.1f} ms with the "
+              f"profile converted, {timing['p3_read_as_srgb']:.1f} ms without a profile")
+        for name, options in (("default", {}), ("greedy", {"strategy": "greedy"})):
+            caps = {k: captions(cap, f, options) for k, f in feats.items()}
+            out = report[name] = {}
+            for kind, texts in caps.items():
+                metrics = score(records, {r.id: c for r, c in zip(records, texts)})
+                same = sum(a == b for a, b in zip(caps["original"], texts)) / len(texts)
+                out[kind] = {"same_as_original": same, "bleu4": metrics["Bleu_4"], "cider": metrics["CIDEr"]}
+                print(f"  {name:8s} {kind:16s} same caption as the original {same:6.1%}  BLEU-4 "
+                      f"{metrics['Bleu_4'] * 100:.2f}  CIDEr-D {metrics['CIDEr'] * 100:.1f}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
