@@ -18,7 +18,7 @@ from .api import Captioner, ImageResult
 from .decoding import DecodeConfig
 from .errors import ConfigError
 from .fetch import is_url
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, passed_over
 from .manifest import SURROGATES, displayable, json_text, load_manifest
 from .metadata import MetadataWriter
 from .raw import RAW_INSTALL, is_raw
@@ -36,6 +36,7 @@ class Inputs:
     missing: dict[str, str]  # argument -> why it gave no image file
     ignored_types: dict[str, int] = field(default_factory=dict)  # files in folders not read, by extension ("": none)
     unread_raw: int = 0  # camera RAW files in folders, passed over: rawpy is not installed
+    hidden: list[str] = field(default_factory=list)  # hidden and system files and folders passed over (``passed_over``)
 
     @property
     def ignored(self) -> int:
@@ -48,11 +49,14 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
     (never globbed: ``?`` is common in them; the download's errors become the URL's error row). A folder without
     any image file is reported, not passed over: it is a wrong folder, or photos in a format not read here.
     Camera RAW files in folders are read when rawpy is installed, else counted (``unread_raw``) and left out: a
-    RAW+JPEG folder is still captioned through its JPEGs, and a named RAW file gets the error saying what to install."""
+    RAW+JPEG folder is still captioned through its JPEGs, and a named RAW file gets the error saying what to install.
+    Hidden and system files and folders in folders (``images.passed_over``: macOS's ._ twins, Android's .thumbnails,
+    Synology's @eaDir) are listed in ``hidden`` and left out; named outright, such a file is read."""
     files: list[str] = []
     missing: dict[str, str] = {}
     unread_raw = 0
     types: Counter[str] = Counter()  # the files passed over, by extension
+    hidden: list[str] = []
 
     def unreadable(err: OSError) -> None:  # without it os.walk passes over such a folder without a word
         missing[err.filename] = f"cannot read this folder ({err.strerror}): its photos were not captioned"
@@ -67,12 +71,13 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         if not matches or not all(os.path.exists(m) for m in matches):
             missing[item] = "no such file or folder (or the pattern matched nothing)"
             continue
-        found, others, raws = len(files), types.total(), unread_raw
+        found, others, raws, hiddens = len(files), types.total(), unread_raw, len(hidden)
         for m in matches:
             if os.path.isdir(m):
                 for root, dirs, names in os.walk(m, onerror=unreadable):
-                    dirs.sort()
-                    for name in sorted(names):
+                    hidden += [os.path.join(root, name) for name in sorted(dirs + names) if passed_over(name)]
+                    dirs[:] = sorted(d for d in dirs if not passed_over(d))
+                    for name in sorted(n for n in names if not passed_over(n)):
                         path = os.path.join(root, name)
                         image = not os.path.isdir(path)  # a link to a folder is listed here and not followed
                         if image and (name.lower().endswith(IMAGE_EXTENSIONS) or (is_raw(name) and raw_readable())):
@@ -86,11 +91,12 @@ def expand_inputs(items: Iterable[str]) -> Inputs:
         if len(files) == found:  # only folders, and no image file in them
             raw_note = (f"; {unread_raw - raws} camera RAW file(s), read with rawpy: {RAW_INSTALL}"
                         if unread_raw > raws else "")
+            raw_note += f"; {len(hidden) - hiddens} hidden or system item(s)" if len(hidden) > hiddens else ""
             missing.setdefault(item, f"{'a folder' if os.path.isdir(item) else 'only folders'} without image "
                                      f"files ({types.total() - others} other file(s){raw_note}; read here: "
                                      f"{' '.join(IMAGE_EXTENSIONS)})")
     seen: set[str] = set()
-    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, dict(types), unread_raw)
+    return Inputs([f for f in files if not (f in seen or seen.add(f))], missing, dict(types), unread_raw, hidden)
 
 
 def infer_format(out: Path | None, fmt: str | None) -> str:
@@ -272,6 +278,6 @@ def caption_files(captioner: Captioner, inputs: Inputs, config: DecodeConfig, ou
     failures += metadata.failures() if metadata is not None else []
     return {"images": len(inputs.files), "captioned": sum("error" not in r for r in sink.done.values()),
             "resumed": len(inputs.files) - len(todo), "failed": failures, "ignored_non_images": inputs.ignored,
-            "unread_raw": inputs.unread_raw, "ignored_types": inputs.ignored_types,
+            "unread_raw": inputs.unread_raw, "ignored_types": inputs.ignored_types, "hidden": inputs.hidden,
             "review": sum(r.get("review") in (True, "True") for r in sink.done.values()),  # CSV rows read back: str
             "records": [*sink.done.values(), *failures[:len(inputs.missing)]]}  # every input once, for --html

@@ -347,6 +347,10 @@ def cmd_caption(args) -> int:
         print(f"note: {summary['ignored_non_images']} other file(s) in the folders are not read as photos ("
               + ", ".join(f"{ext or 'no extension'} {n}" for ext, n in kinds[:8]) + (", ..." if len(kinds) > 8 else "")
               + ")", file=sys.stderr)
+    if summary["hidden"]:  # a photo library's system files: ._ twins (not images), thumbnails (duplicates)
+        names = ", ".join(summary["hidden"][:3]) + (", ..." if len(summary["hidden"]) > 3 else "")
+        print(f"note: {len(summary['hidden'])} hidden or system file(s) and folder(s) in the folders were passed over "
+              f"({names}); name one to caption it", file=sys.stderr)
     if summary["unread_raw"]:
         from captioner.raw import RAW_INSTALL
         print(f"note: {summary['unread_raw']} camera RAW file(s) in the folders were not captioned: reading them "

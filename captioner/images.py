@@ -30,6 +30,18 @@ BYTES = (bytes, bytearray, memoryview)
 # .jfif/.jpe/.jif: JPEG under the names browsers (Chrome on Windows) and old tools save it as
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".jif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic",
                     ".heif", ".avif")
+# Folder scans (``captioner caption``, ``prepare`` of a folder) pass over what a photo library's folders hold besides
+# the photos: hidden entries (macOS's ._ AppleDouble twin of every photo on a FAT/exFAT drive, which is not an image;
+# Android's DCIM/.thumbnails; .Trashes) and the thumbnail and recycle-bin folders that photo NASes and Windows keep
+# among the photos (Synology's @eaDir holds five smaller copies of every photo). A file named outright is read.
+SYSTEM_FOLDERS = ("@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume Information")
+
+
+def passed_over(name: str) -> bool:
+    """Whether a folder scan leaves out a file or folder of this name (``SYSTEM_FOLDERS``, hidden names)."""
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
 # ISO BMFF brands (bytes 8-12 of an "ftyp" box) of HEVC-coded HEIF: what iPhones save photos as since iOS 11
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
 AVIF_BRANDS = (b"avif", b"avis")

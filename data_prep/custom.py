@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from captioner.errors import DatasetError
-from captioner.images import IMAGE_EXTENSIONS
+from captioner.images import IMAGE_EXTENSIONS, passed_over
 from captioner.manifest import Record
 
 from .readers import cut_splits
@@ -135,13 +135,14 @@ def read_folder(folder: Path, val_size: int = 0, test_size: int = 0,
     ``dog.txt``), one caption per line, blank lines ignored. Splits: a seeded random cut.
 
     Skipped and counted: photos without a caption file or with no caption in it, caption files that are
-    not UTF-8, caption files with no photo, and caption files that two photos (``a.jpg``, ``a.png``) share."""
+    not UTF-8, caption files with no photo, and caption files that two photos (``a.jpg``, ``a.png``) share.
+    Hidden and system files and folders are passed over (``images.passed_over``), as ``captioner caption`` does."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder")
     photos: dict[Path, list[Path]] = defaultdict(list)  # caption file -> photos it belongs to
     texts: set[Path] = set()
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+        if not path.is_file() or any(passed_over(part) for part in path.relative_to(folder).parts):
             continue
         if path.suffix.lower() == ".txt":
             texts.add(path)

@@ -405,3 +405,26 @@ def test_resume_stops_at_a_damaged_middle_line_naming_it(trained_run, tmp_path, 
     code, _, err = caption(capsys, trained_run, folder, "-o", out, "--resume")
     assert code == 2 and f"{out}:2: not a record of this command" in err and "without --resume" in err
     assert out.read_bytes() == before
+
+
+def test_a_photo_librarys_hidden_and_system_files_are_passed_over(trained_run, tmp_path, capsys):
+    """A photo library's folders hold more than its photos: macOS writes a ._ twin of every photo onto a FAT or
+    exFAT drive (not an image: one error line each, exit 1), Android keeps DCIM/.thumbnails and Synology @eaDir
+    folders of smaller copies (each captioned again as if another photo). A folder scan now passes over hidden
+    and system entries, says so in one note, and still reads what is named outright."""
+    library = tmp_path / "library"
+    photo = good_folder(library / "DCIM" / "Camera", n=1)[0]
+    (library / "DCIM" / "Camera" / "._img_0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(4000))
+    good_folder(library / "DCIM" / ".thumbnails", n=2)
+    good_folder(library / "@eaDir" / "img_0.jpg", n=1)
+    code, _, err = caption(capsys, trained_run, library, "-o", tmp_path / "o.jsonl")
+    assert code == 0, err
+    assert [r["path"] for r in jsonl(tmp_path / "o.jsonl")] == [photo]
+    assert "note: 3 hidden or system file(s) and folder(s) in the folders were passed over" in err
+    assert "captioned 1 of 1 image(s); 0 failed" in err
+    code, _, err = caption(capsys, trained_run, library / "DCIM" / ".thumbnails", "-o", tmp_path / "thumbs.jsonl")
+    assert code == 0 and len(jsonl(tmp_path / "thumbs.jsonl")) == 2, err  # named outright: read
+    only_hidden = tmp_path / "only-hidden"
+    good_folder(only_hidden / ".cache", n=1)
+    code, _, err = caption(capsys, trained_run, only_hidden)
+    assert code == 1 and "a folder without image files (0 other file(s); 1 hidden or system item(s)" in err

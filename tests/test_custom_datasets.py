@@ -175,6 +175,8 @@ def test_folder_of_photos_with_same_name_txt_captions(tmp_path, capsys):
     (folder / "p4.txt").write_text("\n \n", encoding="utf-8")               # empty caption file
     (folder / "orphan.txt").write_text("a caption with no photo\n", encoding="utf-8")
     (folder / "p3.txt").write_bytes(b"caf\xe9\n")                           # not UTF-8
+    for system in ("@eaDir/p0.jpg", ".thumbnails"):                         # a NAS's and a phone's thumbnails
+        (folder / system / photos(folder / system, 1, prefix="t")[0]).with_suffix(".txt").write_text("a thumbnail\n")
     code, out, _ = run(capsys, "prepare", "folder", folder, "--out", tmp_path / "d", "--min-count", "1",
                        "--val-size", "1", "--test-size", "1", "--seed", "3")
     assert code == 0, out
