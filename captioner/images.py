@@ -150,10 +150,7 @@ def open_header(stream: Path | io.BytesIO, name: str, min_side: int | None = Non
 def _open_first_frame(stream: Path | io.BytesIO, name: str, min_side: int | None) -> Image.Image:
     """``open_header`` at the first frame (animated GIF/WebP/PNG), a JPEG drafted to ``min_side``
     (``load_image``); every pixel is wanted without ``min_side``, so no large JPEG is let through then."""
-    if not min_side:
-        opened = open_image(stream, name)
-    else:
-        opened = open_header(stream, name, min_side)
+    opened = open_header(stream, name, min_side) if min_side else open_image(stream, name)
     opened.seek(0)
     if min_side:
         opened.draft(opened.mode, (min_side, min_side))  # a no-op unless JPEG/MPO; again is harmless
