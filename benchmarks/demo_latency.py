@@ -19,12 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
+from captioner.decoding import plain_options  # noqa: E402
 from captioner.model import RUNTIMES  # noqa: E402
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 SETTINGS = {"greedy": dict(strategy="greedy"),
-            "beam3": dict(strategy="beam", beam_size=3, length_penalty=0.0, guide=False),
-            "beam3+guide": dict(strategy="beam", beam_size=3, length_penalty=0.0, guide=True),
+            "beam3": plain_options(strategy="beam", beam_size=3),
+            "beam3+guide": plain_options(strategy="beam", beam_size=3, guide=True),
             "app default (the model's decoding.json, guided)": dict(strategy="beam", guide=True)}
 
 

@@ -30,6 +30,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
+from captioner.decoding import plain_options  # noqa: E402
 from captioner.evaluate import score  # noqa: E402
 from captioner.features import ImageFiles, collate_images  # noqa: E402
 from data_prep.readers import read_flickr8k  # noqa: E402
@@ -92,7 +93,7 @@ def compare(cap: Captioner, records, paths: list[str], label: str) -> dict:
     out = {"images": len(paths), "drafted": drafted, "decode_encode_s": {"full": t_full, "draft": t_draft},
            "feature_max_abs_diff": float((full - draft).abs().max()),
            "feature_rel_l2": float((full - draft).norm() / full.norm())}
-    for name, options in (("greedy", {"strategy": "greedy"}), ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False})):
+    for name, options in (("greedy", {"strategy": "greedy"}), ("beam3", plain_options(strategy="beam", beam_size=3))):
         a, b = captions(cap, full, options), captions(cap, draft, options)
         ma = score(records, {r.id: c for r, c in zip(records, a)})
         mb = score(records, {r.id: c for r, c in zip(records, b)})

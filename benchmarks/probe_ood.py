@@ -20,11 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from captioner.api import Captioner  # noqa: E402
+from captioner.decoding import plain_options  # noqa: E402
 from captioner.tokenizer import tokenize  # noqa: E402
 
 SETTINGS = {  # name -> decoding options
-    "beam3": dict(strategy="beam", beam_size=3, length_penalty=0.0, guide=False),
-    "beam3+guide": dict(strategy="beam", beam_size=3, length_penalty=0.0, guide=True),
+    "beam3": plain_options(strategy="beam", beam_size=3),
+    "beam3+guide": plain_options(strategy="beam", beam_size=3, guide=True),
     "default": {},  # the model's decoding.json (captioner tune-decoding), as the API and the CLI decode
 }
 

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from captioner.api import BUNDLED, REPO_CHECKPOINTS, Captioner, default_checkpoint  # noqa: E402
-from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.decoding import DecodeConfig, plain_options  # noqa: E402
 from captioner.encoder import Encoder, EncoderConfig, Preprocess, build_encoder  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.model import CaptionDecoder  # noqa: E402
@@ -305,6 +305,15 @@ def bench_encoder(encoder: Encoder, size: int, batch: int, precision: str, devic
             **timing.summary(), **mem.result}
 
 
+def stream_configs(cap: Captioner) -> dict[str, DecodeConfig]:
+    """(2)'s decodings: plain greedy and plain beam 3 (what the targets were set for), sampling, and the model's
+    recommended decoding (``decoding.json``: what ``captioner caption`` and the API do by default)."""
+    return {"greedy": cap.decode_config(strategy="greedy"),
+            "beam3": cap.decode_config(**plain_options(strategy="beam", beam_size=3)),
+            "sample": cap.decode_config(strategy="sample", seed=0),
+            "default": cap.decode_config()}
+
+
 def bench_stream(cap: Captioner, paths: list[str], config: DecodeConfig, workers: int, budget: Budget) -> dict:
     """(2) JPEG on disk -> caption text through ``Captioner.stream``, whole-run images/s."""
     def run(subset: list[str]) -> list[int]:
@@ -321,6 +330,7 @@ def bench_stream(cap: Captioner, paths: list[str], config: DecodeConfig, workers
         timing = timed(lambda: lengths.extend(run(paths)), budget, cap.device, warmup=0,
                        min_repeats=budget.stream_repeats)
     return {"strategy": config.strategy, "beam_size": config.beam_size if config.strategy == "beam" else None,
+            "decoding": config.describe(),
             "images": len(paths), "batch": budget.stream_batch, "workers": loader_workers(workers, cap.device),
             "images_per_s": len(paths) / timing.median, **timing.summary(),
             "mean_caption_words": statistics.fmean(lengths), **mem.result}
@@ -531,7 +541,8 @@ def table(report: dict) -> str:
                     f"({res['median_s'] * 1e3:.1f} ms/batch) | | {_mem(res)} |")
     names = {"greedy": "stream_greedy_vs_encoder", "beam3": "stream_beam3_vs_encoder"}
     for key, res in r.get("stream", {}).items():
-        rows.append(f"| (2) `stream` {key}, batch {res['batch']}, {res['workers']} workers | "
+        label = f"default ({res['decoding']})" if key == "default" else key
+        rows.append(f"| (2) `stream` {label}, batch {res['batch']}, {res['workers']} workers | "
                     f"{res['images_per_s']:.1f} img/s ({res['mean_caption_words']:.1f} words/caption) | "
                     f"{verdict(names.get(key, ''))} | {_mem(res)} |")
     for key in ("latency", "latency float pixels, no graphs"):
@@ -654,8 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         base_big = enc[f"{cap.config.encoder.name} b{budget.stream_batch}"]
     if "stream" in only:
         stream = results["stream"] = {}
-        for key, config in (("greedy", cap.decode_config(strategy="greedy")), ("beam3", cap.decode_config(strategy="beam", beam_size=3, length_penalty=0.0, guide=False)),
-                            ("sample", cap.decode_config(strategy="sample", seed=0))):
+        for key, config in stream_configs(cap).items():
             stream[key] = bench_stream(cap, paths[: budget.stream_images], config, args.workers, budget)
             show(f"stream {key}", stream[key])
         if device.type == "cuda":  # the path before uint8 pixels and CUDA graphs, in the same run

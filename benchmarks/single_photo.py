@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))  # runnable from a plain checkout
 import torch  # noqa: E402
 
 from captioner.api import Captioner  # noqa: E402
+from captioner.decoding import plain_options  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.model import CaptionDecoder  # noqa: E402
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     changed = {}
     for name, options in (("greedy", {"strategy": "greedy"}),
-                          ("beam3", {"strategy": "beam", "beam_size": 3, "length_penalty": 0.0, "guide": False}),
+                          ("beam3", plain_options(strategy="beam", beam_size=3)),
                           ("recommended", {})):  # the checkpoint's decoding.json, as the app and the CLI decode
         captions = {label: way(label, lambda: [cap.caption(p, **options) for p in paths]) for label in ways}
         first = captions["caption fbgemm"]
