@@ -38,6 +38,31 @@ from data_prep.readers import read_flickr8k  # noqa: E402
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 
 
+def split_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the scripts that caption one Flickr8k split with a model (``wide_gamut``, ``stability``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
+    parser.add_argument("--flickr8k", type=Path, default=FLICKR8K, help="folder with Flickr8k.token.txt, split lists, images/")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--limit", type=int, default=0, help="only the first N photos of the split")
+    parser.add_argument("-o", "--out", type=Path, default=None, help="write all numbers as JSON")
+    return parser
+
+
+def split_records(args: argparse.Namespace) -> list:
+    """The records of ``args.split`` (``split_parser``), the first ``args.limit`` when given."""
+    lists = {"val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+    records, _ = read_flickr8k(args.flickr8k / "Flickr8k.token.txt", {args.split: args.flickr8k / lists[args.split]},
+                               args.flickr8k / "images")
+    return records[: args.limit or None]
+
+
+def write_report(out: Path | None, report: dict) -> None:
+    if out:
+        out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}")
+
+
 def upscale(job: tuple[str, str, int, int]) -> None:
     """One camera-sized copy: long side ``long_side`` pixels (aspect kept), bicubic, JPEG ``quality``."""
     src, dst, long_side, quality = job
@@ -138,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if args.copies_dir is None:
                 shutil.rmtree(folder, ignore_errors=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -12,9 +12,7 @@ augmentation (features averaged over the photo and its mirror image), the usual 
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -27,8 +25,7 @@ from PIL import Image  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from captioner.evaluate import score  # noqa: E402
 from captioner.images import load_image  # noqa: E402
-from data_prep.readers import read_flickr8k  # noqa: E402
-from draft_quality import FLICKR8K, captions  # noqa: E402
+from draft_quality import captions, split_parser, split_records, write_report  # noqa: E402
 
 QUALITIES = (95, 75)
 
@@ -52,17 +49,8 @@ def features(cap: Captioner, sources: list, batch: int = 50) -> tuple[torch.Tens
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
-    parser.add_argument("--flickr8k", type=Path, default=FLICKR8K, help="folder with Flickr8k.token.txt, split lists, images/")
-    parser.add_argument("--split", default="val", choices=("val", "test"))
-    parser.add_argument("--limit", type=int, default=0, help="only the first N photos of the split")
-    parser.add_argument("-o", "--out", type=Path, default=None, help="write all numbers as JSON")
-    args = parser.parse_args(argv)
-    lists = {"val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
-    records, _ = read_flickr8k(args.flickr8k / "Flickr8k.token.txt", {args.split: args.flickr8k / lists[args.split]},
-                               args.flickr8k / "images")
-    records = records[: args.limit or None]
+    args = split_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    records = split_records(args)
     cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
     paths = [r.path for r in records]
     sets = {"original": features(cap, paths), **{f"q{q}": features(cap, [resaved(p, q) for p in paths])
@@ -87,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:8s} {views:13s} BLEU-4 {row['bleu4'] * 100:.2f}  CIDEr-D {row['cider'] * 100:.2f}  "
                   f"{row['distinct_words']} words; same caption after re-saving: "
                   + ", ".join(f"{k} {row[f'same_after_{k}']:.1%}" for k in sets if k != "original"), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

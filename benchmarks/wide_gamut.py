@@ -15,9 +15,7 @@ BLEU-4 / CIDEr-D against the references; beside them the original pixels re-save
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import shutil
 import sys
 import tempfile
@@ -32,8 +30,7 @@ from PIL import Image, ImageCms  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from captioner.evaluate import score  # noqa: E402
 from captioner.images import load_image  # noqa: E402
-from data_prep.readers import read_flickr8k  # noqa: E402
-from draft_quality import FLICKR8K, captions, features  # noqa: E402
+from draft_quality import captions, features, split_parser, split_records, write_report  # noqa: E402
 from icc_fixtures import DISPLAY_P3, SRGB_CURVE, matrix_profile  # noqa: E402
 
 P3 = matrix_profile(DISPLAY_P3, SRGB_CURVE, "Display P3")
@@ -68,17 +65,8 @@ def load_ms(paths: list[str], min_side: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
-    parser.add_argument("--flickr8k", type=Path, default=FLICKR8K, help="folder with Flickr8k.token.txt, split lists, images/")
-    parser.add_argument("--split", default="val", choices=("val", "test"))
-    parser.add_argument("--limit", type=int, default=0, help="only the first N photos of the split")
-    parser.add_argument("-o", "--out", type=Path, default=None, help="write all numbers as JSON")
-    args = parser.parse_args(argv)
-    lists = {"val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
-    records, _ = read_flickr8k(args.flickr8k / "Flickr8k.token.txt", {args.split: args.flickr8k / lists[args.split]},
-                               args.flickr8k / "images")
-    records = records[: args.limit or None]
+    args = split_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    records = split_records(args)
     cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
     folder = Path(tempfile.mkdtemp(prefix="captioner-p3-"))
     try:
@@ -101,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{metrics['Bleu_4'] * 100:.2f}  CIDEr-D {metrics['CIDEr'] * 100:.1f}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 
