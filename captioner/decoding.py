@@ -186,14 +186,53 @@ def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state: State) -> tuple[
     return torch.log_softmax(logits.float(), dim=-1), state  # (N, V)
 
 
+DEDUP_MIN_ROWS = 64  # fewer rows: a step costs too little for the bookkeeping
+
+
+def _repeats(tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, inverse)`` when some rows repeat another exactly (the same previous token and the same state, so
+    the same next distribution and state): ``tokens[first][inverse]`` is ``tokens``, likewise the state. None
+    when no row repeats. Rows are grouped by the token and a random projection of the state, then every grouped
+    row is compared in full with its group's first, so a projection that fails to tell two rows apart only costs
+    the saving (None), never a wrong row."""
+    n = tokens.shape[0]
+    flat = torch.cat([s.transpose(0, 1).reshape(n, -1) for s in state], 1).float()  # (N, layers x hidden x parts)
+    probe = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=flat.dtype)
+    key = torch.stack([tokens.to(flat.dtype), flat @ probe], 1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    groups = int(inverse.max()) + 1
+    if groups == n:
+        return None
+    first = torch.full((groups,), n, dtype=torch.long).scatter_reduce_(0, inverse, torch.arange(n), "amin")
+    rep = first[inverse]
+    if not (torch.equal(tokens[rep], tokens) and torch.equal(flat[rep], flat)):
+        return None
+    return first, inverse
+
+
 def _step_unfinished(decoder: CaptionDecoder, tokens: torch.Tensor, state: State,
-                     finished: torch.Tensor) -> tuple[torch.Tensor, State]:
+                     finished: torch.Tensor, dedup: bool = False) -> tuple[torch.Tensor, State]:
     """``_step`` for the unfinished rows only: most of a batch ends well before its longest caption,
     and a finished row's next distribution is fixed anyway. Finished rows get placeholder log-probs
-    (``_freeze_finished`` overwrites them) and keep their old state."""
+    (``_freeze_finished`` overwrites them) and keep their old state.
+
+    ``dedup`` (beam search on a CPU): a row that repeats another exactly (``_repeats``) is not stepped again but
+    given its twin's result. Why: the default decoding runs one beam per specificity level (five for the bundled
+    model) and the levels' beams share their first words: half of its rows repeat another (benchmarks/README.md).
+    Each row's products are the same as in the whole batch, so the captions are the same (tests/test_decoding.py)."""
+    active = (~finished).nonzero()[:, 0]
+    if dedup and tokens.device.type == "cpu" and active.numel() >= DEDUP_MIN_ROWS:
+        found = _repeats(tokens[active], tuple(s.index_select(1, active) for s in state))
+        if found is not None:
+            first, inverse = found
+            active_first = active[first]
+            logp_first, new = _step(decoder, tokens[active_first], tuple(s.index_select(1, active_first) for s in state))
+            logp = logp_first.new_zeros((tokens.shape[0], logp_first.shape[1]))
+            logp[active] = logp_first[inverse]
+            return logp, tuple(s.index_copy(1, active, n.index_select(1, inverse).to(s.dtype))
+                               for s, n in zip(state, new))
     if not finished.any():
         return _step(decoder, tokens, state)
-    active = (~finished).nonzero()[:, 0]
     logp_active, new = _step(decoder, tokens[active], tuple(s.index_select(1, active) for s in state))
     logp = logp_active.new_zeros((tokens.shape[0], logp_active.shape[1]))
     logp[active] = logp_active
@@ -249,12 +288,13 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     n = len(levels)
     return _beam_split(decoder, features.repeat(n, 1), config, specials,
                        None if constraints is None else constraints * n,
-                       levels.repeat_interleave(features.shape[0])[:, None] * rarity[None], banned, non_final)
+                       levels.repeat_interleave(features.shape[0])[:, None] * rarity[None], banned, non_final,
+                       dedup=True)  # each photo n times: its levels' beams share their first words
 
 
 def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
                 constraints: list[list[int]] | None, bonus: torch.Tensor | None, banned: torch.Tensor | None,
-                non_final: torch.Tensor | None) -> list[list[Hypothesis]]:
+                non_final: torch.Tensor | None, dedup: bool = False) -> list[list[Hypothesis]]:
     """``_beam``, the photos without a constraint word decoded apart as a plain beam search (one group of beams).
 
     Why: a constrained search keeps two groups of beams per photo for the whole batch, and every step builds,
@@ -263,14 +303,14 @@ def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeC
     if constraints is not None and not any(constraints):
         constraints = None
     if constraints is None or all(constraints):
-        return _beam(decoder, features, config, specials, constraints, bonus, banned, non_final)
+        return _beam(decoder, features, config, specials, constraints, bonus, banned, non_final, dedup)
     out: list[list[Hypothesis]] = [[] for _ in constraints]
     for constrained in (True, False):
         rows = [i for i, c in enumerate(constraints) if bool(c) == constrained]
         index = torch.tensor(rows, device=features.device)
         part_bonus = None if bonus is None else bonus if bonus.shape[0] == 1 else bonus[index]
         found = _beam(decoder, features[index], config, specials,
-                      [constraints[i] for i in rows] if constrained else None, part_bonus, banned, non_final)
+                      [constraints[i] for i in rows] if constrained else None, part_bonus, banned, non_final, dedup)
         for i, hyps in zip(rows, found):
             out[i] = hyps
     return out
@@ -380,8 +420,10 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
 
 def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
           constraints: list[list[int]] | None = None, bonus: torch.Tensor | None = None,
-          banned: torch.Tensor | None = None, non_final: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step.
+          banned: torch.Tensor | None = None, non_final: torch.Tensor | None = None,
+          dedup: bool = False) -> list[list[Hypothesis]]:
+    """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step; ``dedup``: rows
+    that repeat another are stepped once (``_step_unfinished``), for batches that hold each photo several times.
 
     With a ``bonus`` ((1, V) for all images or (B, V) per image: specificity x the words' rarity) the ranking sum
     is ``logprob + the words' bonus`` instead, each word's bonus counted once per caption (``_unused``): it is
@@ -412,7 +454,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         # Empty slots (logprob -inf: the first step's copies of the start, a photo's group 1 until its recognised
         # word is used) are not stepped: whatever their placeholder log-probs, their candidates stay at -inf.
         empty = logprob.view(-1) == float("-inf")
-        logp, state = _step_unfinished(decoder, prev, state, finished | empty)  # (B*g*k, V)
+        logp, state = _step_unfinished(decoder, prev, state, finished | empty, dedup)  # (B*g*k, V)
         logp = _freeze_finished(_ban(logp, history, config, specials, banned, non_final), finished, specials.pad)
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
