@@ -219,7 +219,9 @@ def _step_unfinished(decoder: CaptionDecoder, tokens: torch.Tensor, state: State
     ``dedup`` (beam search on a CPU): a row that repeats another exactly (``_repeats``) is not stepped again but
     given its twin's result. Why: the default decoding runs one beam per specificity level (five for the bundled
     model) and the levels' beams share their first words: half of its rows repeat another (benchmarks/README.md).
-    Each row's products are the same as in the whole batch, so the captions are the same (tests/test_decoding.py)."""
+    With FBGEMM's step (x86) a row's products do not depend on the rows beside it: identical n-best lists on the
+    1,000 val photos and in tests/test_decoding.py. Where fewer rows move a step to another runtime
+    (``CaptionDecoder.step``), the numbers agree up to float rounding, as between runtimes."""
     active = (~finished).nonzero()[:, 0]
     if dedup and tokens.device.type == "cpu" and active.numel() >= DEDUP_MIN_ROWS:
         found = _repeats(tokens[active], tuple(s.index_select(1, active) for s in state))
