@@ -218,26 +218,24 @@ def _step_unfinished(decoder: CaptionDecoder, tokens: torch.Tensor, state: State
 
     ``dedup`` (beam search on a CPU): a row that repeats another exactly (``_repeats``) is not stepped again but
     given its twin's result. Why: the default decoding runs one beam per specificity level (five for the bundled
-    model) and the levels' beams share their first words: half of its rows repeat another (benchmarks/README.md).
+    model) and the levels' beams share their first words: 57 % of the rows it steps repeat another
+    (benchmarks/README.md).
     With FBGEMM's step (x86) a row's products do not depend on the rows beside it: identical n-best lists on the
     1,000 val photos and in tests/test_decoding.py. Where fewer rows move a step to another runtime
     (``CaptionDecoder.step``), the numbers agree up to float rounding, as between runtimes."""
     active = (~finished).nonzero()[:, 0]
+    stepped, inverse = active, None  # the rows stepped; each active row's among them
     if dedup and tokens.device.type == "cpu" and active.numel() >= DEDUP_MIN_ROWS:
         found = _repeats(tokens[active], tuple(s.index_select(1, active) for s in state))
         if found is not None:
-            first, inverse = found
-            active_first = active[first]
-            logp_first, new = _step(decoder, tokens[active_first], tuple(s.index_select(1, active_first) for s in state))
-            logp = logp_first.new_zeros((tokens.shape[0], logp_first.shape[1]))
-            logp[active] = logp_first[inverse]
-            return logp, tuple(s.index_copy(1, active, n.index_select(1, inverse).to(s.dtype))
-                               for s, n in zip(state, new))
-    if not finished.any():
+            stepped, inverse = active[found[0]], found[1]
+    if stepped.numel() == tokens.shape[0]:  # every row, once
         return _step(decoder, tokens, state)
-    logp_active, new = _step(decoder, tokens[active], tuple(s.index_select(1, active) for s in state))
-    logp = logp_active.new_zeros((tokens.shape[0], logp_active.shape[1]))
-    logp[active] = logp_active
+    logp_stepped, new = _step(decoder, tokens[stepped], tuple(s.index_select(1, stepped) for s in state))
+    if inverse is not None:
+        logp_stepped, new = logp_stepped[inverse], tuple(n.index_select(1, inverse) for n in new)
+    logp = logp_stepped.new_zeros((tokens.shape[0], logp_stepped.shape[1]))
+    logp[active] = logp_stepped
     return logp, tuple(s.index_copy(1, active, n.to(s.dtype)) for s, n in zip(state, new))
 
 

@@ -70,6 +70,14 @@ def _heif_opener() -> bool:
     return True
 
 
+def _head(stream: Path | io.BytesIO, n: int) -> bytes:
+    """The first ``n`` bytes of a file or of bytes in memory, whatever has been read of them."""
+    if isinstance(stream, io.BytesIO):
+        return stream.getvalue()[:n]
+    with stream.open("rb") as f:
+        return f.read(n)
+
+
 def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
     """``Image.open``, which also reads HEIC/HEIF photos when pillow-heif is installed, and says what is missing
     when a photo's format is one this Pillow cannot read (HEIC without pillow-heif, AVIF on an old Pillow): the
@@ -78,11 +86,7 @@ def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
     try:
         return Image.open(stream)
     except UnidentifiedImageError:
-        if isinstance(stream, io.BytesIO):
-            head = stream.getvalue()[:12]
-        else:
-            with stream.open("rb") as f:
-                head = f.read(12)
+        head = _head(stream, 12)
         brand = head[8:12] if head[4:8] == b"ftyp" else b""
         if brand in AVIF_BRANDS and not pil_features.check("avif"):
             raise ImageLoadError(name, "an AVIF image, and this Pillow cannot read AVIF (Pillow 11.3 or later "
@@ -108,12 +112,7 @@ def _large_jpeg(stream: Path | io.BytesIO, min_side: int | None) -> Image.Image 
     (no draft without one: only its header is read), when it is one the guard should let through: stored under
     ``DRAFTED_JPEG_FACTOR`` times the warning limit, baseline (a progressive decode holds the whole photo's DCT
     coefficients, ~2 bytes a stored pixel, whatever the scale) and decoding under the limit. None otherwise."""
-    if isinstance(stream, io.BytesIO):
-        head = stream.getvalue()[:3]
-    else:
-        with stream.open("rb") as f:
-            head = f.read(3)
-    if head != JPEG_SOI:
+    if _head(stream, len(JPEG_SOI)) != JPEG_SOI:
         return None
     if isinstance(stream, io.BytesIO):
         stream.seek(0)
