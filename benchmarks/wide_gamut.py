@@ -9,8 +9,13 @@ decoding and greedy, and compared with the captions of the original photos, capt
 BLEU-4 / CIDEr-D against the references; beside them the original pixels re-saved the same way (sRGB, quality
 95), whose differences are what re-encoding alone costs. Also the cost of the conversion per photo.
 
+``--format avif`` saves AVIFs instead (quality 95), described as Display P3 by an nclx colour description rather
+than a profile, as Android phones and AVIF encoders do (primaries 12, sRGB's transfer), against the same file
+described as BT.709 / sRGB (what a reader that ignores nclx sees).
+
     python benchmarks/wide_gamut.py                      # bundled model, the 1,000 val photos
     python benchmarks/wide_gamut.py --limit 200 -o /tmp/p3.json
+    python benchmarks/wide_gamut.py --format avif --limit 300
 """
 
 from __future__ import annotations
@@ -31,14 +36,14 @@ from captioner.api import Captioner  # noqa: E402
 from captioner.evaluate import score  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from draft_quality import captions, features, split_parser, split_records, write_report  # noqa: E402
-from icc_fixtures import DISPLAY_P3, SRGB_CURVE, matrix_profile  # noqa: E402
+from icc_fixtures import DISPLAY_P3, SRGB_CURVE, matrix_profile, with_nclx  # noqa: E402
 
 P3 = matrix_profile(DISPLAY_P3, SRGB_CURVE, "Display P3")
 
 
-def make_p3_copies(paths: list[str], folder: Path) -> tuple[list[str], list[str], list[str]]:
-    """(tagged, untagged, resaved) copies: the same Display P3 pixels with and without the profile, and the
-    original sRGB pixels saved the same way."""
+def make_p3_copies(paths: list[str], folder: Path, fmt: str = "jpeg") -> tuple[list[str], list[str], list[str]]:
+    """(tagged, untagged, resaved) copies: the same Display P3 pixels with and without their colour space said (a
+    profile in a JPEG, an nclx description in an AVIF), and the original sRGB pixels saved the same way."""
     to_p3 = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(P3)),
                                     "RGB", "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL)
     copies: dict[str, list[str]] = {kind: [] for kind in ("p3", "untagged", "resaved")}
@@ -48,9 +53,16 @@ def make_p3_copies(paths: list[str], folder: Path) -> tuple[list[str], list[str]
         with Image.open(path) as img:
             rgb = img.convert("RGB")
         p3 = ImageCms.applyTransform(rgb, to_p3)
-        for kind, pixels, options in (("p3", p3, {"icc_profile": P3}), ("untagged", p3, {}), ("resaved", rgb, {})):
-            copies[kind].append(str(folder / kind / Path(path).name))
-            pixels.save(copies[kind][-1], quality=95, **options)
+        p3.info.pop("icc_profile", None)  # the transform attaches P3's profile, which AVIF's writer would embed
+        for kind, pixels in (("p3", p3), ("untagged", p3), ("resaved", rgb)):
+            out = folder / kind / Path(path).with_suffix(f".{fmt}").name
+            copies[kind].append(str(out))
+            if fmt == "avif":
+                data = io.BytesIO()
+                pixels.save(data, "AVIF", quality=95)
+                out.write_bytes(with_nclx(data.getvalue(), 12, 13) if kind == "p3" else data.getvalue())
+            else:
+                pixels.save(out, "JPEG", quality=95, **({"icc_profile": P3} if kind == "p3" else {}))
     return copies["p3"], copies["untagged"], copies["resaved"]
 
 
@@ -65,18 +77,20 @@ def load_ms(paths: list[str], min_side: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = split_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = split_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--format", choices=("jpeg", "avif"), default="jpeg", help="how the copies are saved")
+    args = parser.parse_args(argv)
     records = split_records(args)
     cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
     folder = Path(tempfile.mkdtemp(prefix="captioner-p3-"))
     try:
         originals = [r.path for r in records]
-        tagged, untagged, resaved = make_p3_copies(originals, folder)
+        tagged, untagged, resaved = make_p3_copies(originals, folder, args.format)
         sets = {"original": originals, "srgb_resaved": resaved, "p3_converted": tagged, "p3_read_as_srgb": untagged}
         timing = {k: load_ms(sets[k][:200], cap.preprocess.min_side) for k in ("p3_converted", "p3_read_as_srgb")}
         feats = {k: features(cap, v, full_decode=False)[0] for k, v in sets.items()}
-        report = {"split": args.split, "images": len(records), "load_ms": timing}
-        print(f"{args.split}: {len(records)} photos; load_image per photo: {timing['p3_converted']:.1f} ms with the "
+        report = {"split": args.split, "images": len(records), "format": args.format, "load_ms": timing}
+        print(f"{args.split}: {len(records)} photos as {args.format}; load_image per photo: {timing['p3_converted']:.1f} ms with the "
               f"profile converted, {timing['p3_read_as_srgb']:.1f} ms without a profile")
         for name, options in (("default", {}), ("greedy", {"strategy": "greedy"})):
             caps = {k: captions(cap, f, options) for k, f in feats.items()}

@@ -105,6 +105,7 @@ def open_image(stream: Path | io.BytesIO, name: str) -> Image.Image:
 # sensor's 200 MP and long panoramas) is read when a reduced-scale decode brings it under that limit (``open_header``)
 DRAFTED_JPEG_FACTOR = 4
 JPEG_SOI = b"\xff\xd8\xff"
+NCLX_HEAD = 1 << 16  # an AVIF's colour description is in its meta box, which encoders write before the pixels
 
 
 def _large_jpeg(stream: Path | io.BytesIO, min_side: int | None) -> Image.Image | None:
@@ -172,6 +173,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _profile(info: dict, nclx: tuple[int, int] | None) -> bytes | None:
+    """A photo's colour profile: its ICC profile, else the one its nclx colour description stands for (HEIC/AVIF:
+    ``colour.nclx_profile``), as pillow-heif reports it in ``info`` or ``nclx`` (an AVIF's, ``read_nclx``) has it."""
+    if info.get("icc_profile"):
+        return info["icc_profile"]
+    described = info.get("nclx_profile")
+    if isinstance(described, dict):
+        nclx = described.get("color_primaries"), described.get("transfer_characteristics")
+    return colour.nclx_profile(*nclx) if nclx else None
+
+
 def _to_srgb(img: Image.Image, icc: bytes | None, min_side: int | None) -> Image.Image:
     """``_to_rgb``, then from the colour space of the photo's ICC profile to sRGB (``colour.to_srgb``). Where a
     profile is converted and ``min_side`` allows, the photo is first box-reduced by a whole factor to no less than
@@ -229,6 +241,7 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
     where the preview is too small; never by Pillow, which would read a 160x120 thumbnail of the TIFF-based ones.
     """
     name = describe(src)
+    nclx = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -262,11 +275,13 @@ def load_image(src: ImageSource, min_side: int | None = None, fetch: FetchConfig
                         if not raw:
                             opened.load()
                             img = opened.copy()
+                            if opened.format == "AVIF":  # Pillow's AVIF reader does not report an nclx description
+                                nclx = colour.read_nclx(_head(stream, NCLX_HEAD))
                 if raw:
                     if isinstance(stream, io.BytesIO):
                         stream.seek(0)
                     img = read_raw(stream, name, min_side, lambda data: _open_first_frame(data, name, min_side))
-            icc = img.info.get("icc_profile")
+            icc = _profile(img.info, nclx)
             img = ImageOps.exif_transpose(img)
             if img.width == 0 or img.height == 0:
                 raise ImageLoadError(name, f"image has no pixels ({img.width}x{img.height})")

@@ -9,9 +9,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
+from PIL import features as pil_features
 
+from captioner.colour import NCLX_PRIMARIES, d50_colorants, read_nclx
 from captioner.images import load_image
-from icc_fixtures import ADOBE_RGB, DISPLAY_P3, SRGB, SRGB_CURVE, matrix_profile, rgb_to_srgb
+from icc_fixtures import ADOBE_RGB, DISPLAY_P3, SRGB, SRGB_CURVE, matrix_profile, rgb_to_srgb, with_nclx
 
 P3 = matrix_profile(DISPLAY_P3, SRGB_CURVE, "Display P3")
 ADOBE = matrix_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998)")
@@ -109,3 +111,54 @@ def test_an_iphone_heic_in_display_p3_is_converted(tmp_path):
     Image.fromarray(flat).save(path, quality=95, icc_profile=P3)
     expected = p3_red_in_srgb()
     assert load_image(path).getpixel((160, 120)) == pytest.approx(expected, abs=4)
+
+
+def nclx_avif(pixels: np.ndarray, primaries: int, transfer: int) -> bytes:
+    return with_nclx(saved(pixels, "AVIF", quality=100), primaries, transfer)
+
+
+def test_an_avif_described_as_display_p3_by_nclx_is_converted(tmp_path):
+    """Android phones and AVIF encoders declare Display P3 by an nclx description (primaries 12, sRGB's transfer
+    13), not an ICC profile; Pillow reports neither. Converted as the P3 profile would be; the same pixels
+    described as BT.709 (1), or with an HDR (PQ, 16) or BT.709 (1) transfer, are left as decoded."""
+    if not pil_features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    flat = np.zeros((96, 128, 3), np.uint8)
+    flat[:] = (200, 50, 50)
+    path = tmp_path / "PXL_0001.avif"
+    path.write_bytes(nclx_avif(flat, 12, 13))
+    as_decoded = np.asarray(load_image(nclx_avif(flat, 1, 13))).astype(int)
+    expected = rgb_to_srgb(as_decoded.astype(np.uint8), DISPLAY_P3, SRGB_CURVE).astype(int)
+    assert np.abs(as_decoded - expected).max() > 15  # read as sRGB the red would be this far off
+    for src in (path, path.read_bytes()):
+        assert np.abs(np.asarray(load_image(src)).astype(int) - expected).max() <= 1
+    for primaries, transfer in ((1, 13), (12, 16), (12, 1), (2, 2)):
+        assert np.array_equal(np.asarray(load_image(nclx_avif(flat, primaries, transfer))), as_decoded)
+
+
+def test_a_heic_described_as_display_p3_by_nclx_is_converted(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    flat = np.zeros((240, 320, 3), np.uint8)
+    flat[:] = (200, 50, 50)
+    path, plain = tmp_path / "20261130_101500.heic", tmp_path / "plain.heic"
+    Image.fromarray(flat).save(path, quality=100, nclx_profile={"color_primaries": 12, "transfer_characteristics": 13,
+                                                                 "matrix_coefficients": 6, "full_range_flag": 1})
+    Image.fromarray(flat).save(plain, quality=100)
+    as_decoded = np.asarray(load_image(plain)).astype(int)
+    expected = rgb_to_srgb(as_decoded.astype(np.uint8), DISPLAY_P3, SRGB_CURVE).astype(int)
+    assert np.abs(np.asarray(load_image(path)).astype(int) - expected).max() <= 1
+
+
+def test_nclx_primaries_become_the_published_colorants():
+    """Display P3's xy chromaticities, adapted to D50 by Bradford's transform, are the colorants Apple's profile
+    stores (and sRGB's those of sRGB's profile), to the profiles' 4 decimals."""
+    assert np.abs(d50_colorants(NCLX_PRIMARIES[12]) - np.array(DISPLAY_P3)).max() < 1.5e-4
+    srgb_xy = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06), (0.3127, 0.3290))
+    assert np.abs(d50_colorants(srgb_xy) - np.array(SRGB)).max() < 2.5e-4
+
+
+def test_a_damaged_or_missing_colr_box_is_no_description():
+    assert read_nclx(b"....colrnclx\x00\x0c") is None  # cut short
+    assert read_nclx(b"....colrprof....") is None
+    assert read_nclx(b"\x00\x00\x00\x13colrnclx\x00\x0c\x00\x0d\x00\x06\x80") == (12, 13)
