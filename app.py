@@ -87,8 +87,7 @@ def caption_upload(captioner: Captioner, upload: dict | None, strategy: str, tem
         # Guidance is a constrained beam search: the checkbox only acts with the beam strategy.
         config = captioner.decode_config(strategy=strategy, temperature=float(temperature), top_p=float(top_p),
                                          beam_size=beams, num_return=1 if strategy == "greedy" else count,
-                                         guide=bool(guide) and strategy == "beam" and captioner.can_tag,
-                                         neutral=bool(neutral),
+                                         neutral=bool(neutral), **guide_options(captioner, strategy, guide),
                                          **specificity_options(captioner, strategy, specificity, by_fit))
         features = captioner.features([source], fetch=PUBLIC_URLS)
         nbest = captioner.generate(features, config)[0]
@@ -114,6 +113,14 @@ def fit_levels(captioner: Captioner | None) -> tuple[float, ...]:
     if captioner is None or captioner.matcher is None:
         return ()
     return recommended_beam(captioner).specificity_levels or TuneConfig.specificity_levels
+
+
+def guide_options(captioner: Captioner, strategy: str, guide: bool) -> dict:
+    """The "Name what the CNN recognises" checkbox as decoding options: guidance (a constrained beam search) and
+    the model's recommended tag bonus when ticked, with the beam, on a model with an ImageNet head; neither
+    otherwise (a bonus is left to the recommendation only when it is on)."""
+    on = bool(guide) and strategy == "beam" and captioner.can_tag
+    return {"guide": on} if on else {"guide": False, "tag_bonus": 0.0}
 
 
 def specificity_options(captioner: Captioner, strategy: str, specificity: float | None,
@@ -148,7 +155,8 @@ def explain_upload(captioner: Captioner, upload: dict | None, guide: bool = Fals
     if upload is None:
         raise gr.Error("No image: upload or paste one first.", print_exception=False)
     try:
-        expl = captioner.explain(upload["path"], guide=bool(guide) and captioner.can_tag, **EXPLAIN_OPTIONS)
+        expl = captioner.explain(upload["path"], **EXPLAIN_OPTIONS,
+                                 **guide_options(captioner, EXPLAIN_OPTIONS["strategy"], guide))
     except ImageLoadError as err:
         raise gr.Error(f"{upload.get('orig_name') or 'upload'}: {err.reason}", print_exception=False) from None
     except USER_ERRORS as err:
@@ -218,9 +226,10 @@ def build_demo(captioner: Captioner) -> gr.Blocks:
                                               "caption that the matching model finds fits it best (the slider is "
                                               "then unused; needs the model's matching model)")
                     guide = gr.Checkbox(value=True, label="Name what the CNN recognises", elem_id="guide",
-                                        info="beam only: the caption must use the word of an object the CNN's "
-                                             "ImageNet classifier is sure of (constrained beam search; "
-                                             "models without the classifier ignore it)")
+                                        info="beam only: the caption must use the word of an animal or vehicle "
+                                             "the CNN's ImageNet classifier is sure of (constrained beam search) and "
+                                             "leans to those it finds likely (the model's tag bonus); models "
+                                             "without the classifier ignore it")
                     neutral = gr.Checkbox(value=False, label="Gender-neutral words", elem_id="neutral",
                                           info="never guess a person's gender: 'a person', 'a child', 'two people' "
                                                "instead of man, woman, boy, girl, his, her")

@@ -232,9 +232,11 @@ class Captioner:
         else:
             search = dataclasses.replace(config, num_return=config.beam_size) if rerank else config
             rarity = self.rarity if config.specificity or config.specificity_levels else None
+            tag_bonus = self.tagger.word_bonus(features, config.tag_bonus) if config.tag_bonus else None
             with autocast(self.precision, self.device):
                 hyps = decode(self.decoder, features, search, self.vocab.specials, constraints, rarity, self.gendered,
-                              self.non_final(config.min_end_rate))
+                              self.non_final(config.min_end_rate), tag_bonus,
+                              self.tagger.number_partner.to(self.device) if config.tag_bonus else None)
         nbest = [[self._describe(h) for h in per_image] for per_image in hyps]
         if config.consensus:
             nbest = self.consensus.rerank(nbest, features, config.consensus, config.consensus_weight)

@@ -220,7 +220,7 @@ def cmd_train(args) -> int:
 DECODE_FLAGS = ("strategy", "beam_size", "length_penalty", "num_return", "temperature", "top_k", "top_p",
                 "no_repeat_ngram", "seed", "guide", "guide_threshold", "consensus",
                 "consensus_weight", "match_weight", "specificity", "specificity_levels",
-                "specificity_cost", "neutral", "min_end_rate")  # DecodeConfig fields given as flags
+                "specificity_cost", "tag_bonus", "neutral", "min_end_rate")  # DecodeConfig fields given as flags
 DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its decoding.json, from `captioner "
                            "tune-decoding`), whose settings also fill the beam flags left out",
                "length_penalty": "alpha in logprob / len**alpha", "num_return": "n-best captions per image",
@@ -238,6 +238,8 @@ DECODE_HELP = {"strategy": "left out: the checkpoint's recommended decoding (its
                                      "photo keeps the level whose caption matches it best, less --specificity-cost x "
                                      "the level ('' for off)",
                "specificity_cost": "cosine a caption pays per unit of its --specificity-levels level",
+               "tag_bonus": "beam only: rank captions higher by this x the CNN's ImageNet-head probability of each "
+                            "animal or vehicle word they use: 'a cat' over 'a dog' where the head says cat (0: off)",
                "neutral": "never use words that state a person's gender (man, woman, boy, girl, his, her, ...): "
                           "'a person', 'a child', 'two people'",
                "min_end_rate": "a caption may end on a word only if at least this share of its uses in the training "
@@ -551,7 +553,7 @@ def cmd_calibrate(args) -> int:
 
 
 TUNE_FLAGS = ("split", "beam_sizes", "length_penalties", "no_repeat_ngrams", "guide", "consensus", "consensus_weights",
-              "match_weights", "specificities", "specificity_levels", "specificity_costs", "cider_tie",
+              "match_weights", "specificities", "specificity_levels", "specificity_costs", "tag_bonuses", "cider_tie",
               "batch_size")  # TuneConfig fields given as flags
 TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes": "comma list of beam widths",
              "length_penalties": "comma list of alphas in logprob / len**alpha",
@@ -566,6 +568,8 @@ TUNE_HELP = {"split": "validation split to choose on (never test)", "beam_sizes"
              "specificity_levels": "with a matching model: comma list of specificities also decoded, then a level "
                                    "chosen per photo by its match ('' for none)",
              "specificity_costs": "comma list of cosine costs per unit of specificity for the level chosen per photo",
+             "tag_bonuses": "with the encoder's ImageNet head: comma list of tag bonuses to decode each setting with "
+                            "(0: none)",
              "cider_tie": "CIDEr-D (0-10) below the best that still ties; ties go to the most distinct words"}
 
 
@@ -594,7 +598,8 @@ def _add_tune_decoding(sub) -> None:
                              "no_repeat_ngrams": _numbers(int),
                              "consensus": _numbers(int), "consensus_weights": _numbers(float),
                              "match_weights": _numbers(float), "specificities": _numbers(float),
-                             "specificity_levels": _numbers(float), "specificity_costs": _numbers(float)})
+                             "specificity_levels": _numbers(float), "specificity_costs": _numbers(float),
+                             "tag_bonuses": _numbers(float)})
 
 
 def cmd_tune_decoding(args) -> int:
@@ -604,13 +609,14 @@ def cmd_tune_decoding(args) -> int:
     captioner = Captioner.from_pretrained(directory, device=args.device, calibrated=False)
     config = TuneConfig(**_given(args, TUNE_FLAGS))
     result = tune_decoding(captioner, args.data_dir, config)
-    print(f"{'beam':>4} {'alpha':>5} {'norep':>5} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} {'CIDEr-D':>7} "
-          f"{'ROUGE-L':>7} | words  length")
+    print(f"{'beam':>4} {'alpha':>5} {'norep':>5} {'tags':>4} {'spec':>8} {'rerank':>12} | {'BLEU-4':>6} "
+          f"{'CIDEr-D':>7} {'ROUGE-L':>7} | words  length")
     for row in result["grid"]["rows"]:
         rerank = (f"{row['consensus']} w {row['consensus_weight']}" if "consensus" in row
                   else f"match {row['match_weight']}" if "match_weight" in row else "-")
         spec = f"fit {row['specificity_cost']}" if "specificity_levels" in row else row.get("specificity", 0)
-        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {row.get('no_repeat_ngram', 0):>5} {spec:>8} "
+        print(f"{row['beam_size']:>4} {row['length_penalty']:>5} {row.get('no_repeat_ngram', 0):>5} "
+              f"{row.get('tag_bonus', 0):>4} {spec:>8} "
               f"{rerank:>12} | {row['bleu4'] * 100:6.2f} {row['cider_d'] * 100:7.2f} {row['rouge_l'] * 100:7.2f} | "
               f"{row['distinct_words']:>5}  {row['mean_words']:.2f}")
     print(f"chosen ({result['rule']}): {result['defaults']}")

@@ -68,6 +68,12 @@ class DecodeConfig:
     # "Specificity by fit"). () or None: off; then ``specificity`` must be 0.
     specificity_levels: tuple[float, ...] = ()
     specificity_cost: float = 0.15  # cosine per unit of specificity: the bundled model's choice on val
+    # Tag bonus (beam only; needs the encoder's ImageNet head): a hypothesis using a word the head recognises as a
+    # photo's subject (an animal or a vehicle: ``guidance.GUIDE_KINDS``) ranks higher by this x the head's
+    # probability of the word, once per caption, as a specificity bonus does. Guidance forces a word the head is
+    # sure of (``guide_threshold``); this tips the beam where the decoder finds two words likely and the head
+    # prefers the rarer one ("a cat" over "a dog" at P(cat) 0.4), below the threshold too. 0: off.
+    tag_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.specificity_levels is None:
@@ -105,6 +111,8 @@ class DecodeConfig:
                                   f"{self.specificity_levels}")
         if self.specificity_cost < 0:
             raise ConfigError(f"specificity_cost must be >= 0, got {self.specificity_cost}")
+        if self.tag_bonus < 0 or (self.tag_bonus and self.strategy != "beam"):
+            raise ConfigError("the tag bonus ranks a beam's hypotheses: use tag_bonus >= 0 with strategy 'beam'")
         if not 0 <= self.min_end_rate < 1:
             raise ConfigError(f"min_end_rate must be in [0, 1), got {self.min_end_rate}")
         if not 0 < self.guide_threshold <= 1:
@@ -122,6 +130,7 @@ class DecodeConfig:
         if self.specificity_levels:
             levels = "/".join(f"{s:g}" for s in self.specificity_levels)
             specific = f", specificity by fit ({levels}, cost {self.specificity_cost})"
+        specific += f", tag bonus {self.tag_bonus:g}" if self.tag_bonus else ""
         norepeat = f", no repeated {self.no_repeat_ngram}-grams" if self.no_repeat_ngram else ""
         ends = "" if self.min_end_rate == DecodeConfig.min_end_rate else f", min end rate {self.min_end_rate:g}"
         return (f"{self.strategy}{beam if self.strategy == 'beam' else ''}{', guided' if self.guide else ''}{specific}"
@@ -256,7 +265,8 @@ def _freeze_finished(logp: torch.Tensor, finished: torch.Tensor, pad_id: int) ->
 def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
            specials: SpecialIds = SpecialIds(), constraints: list[list[int]] | None = None,
            rarity: torch.Tensor | None = None, banned: torch.Tensor | None = None,
-           non_final: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+           non_final: torch.Tensor | None = None, tag_bonus: torch.Tensor | None = None,
+           partner: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """(B, D) features -> for each image, ``num_return`` hypotheses best first.
 
     ``specials``: the vocabulary's special token ids (``vocab.specials``; every vocabulary has the default ones).
@@ -273,6 +283,11 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     ``non_final``: (V,) bool on the decoder's device, the words no caption may end on
     (``Vocab.non_final(config.min_end_rate)``, which ``Captioner.generate`` passes); None: any.
 
+    ``tag_bonus``: (B, V) per image, ``config.tag_bonus`` x the head's probability of each word it names
+    (``Tagger.word_bonus``); needed when ``config.tag_bonus`` is set. Added to the specificity bonus. ``partner``:
+    (V,) each word's other number form or itself (``Tagger.number_partner``): with it a word and its partner earn
+    one bonus between them.
+
     With ``config.specificity_levels`` the beam runs at every level at once and the answer has one row per
     (level, image), level-major: ``len(levels) * B`` rows (``Captioner.generate`` picks each image's level).
     """
@@ -281,20 +296,27 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
     _need_banned(config, banned)
     if config.strategy != "beam":
         return _sample(decoder, features, config, specials, banned, non_final)
+    if config.tag_bonus and tag_bonus is None:
+        raise ConfigError("the tag bonus needs the words' bonus per image (Tagger.word_bonus)")
+    tag_bonus, partner = (tag_bonus, partner) if config.tag_bonus else (None, None)
     if not config.specificity_levels:
         bonus = None if not config.specificity else config.specificity * rarity[None]
-        return _beam_split(decoder, features, config, specials, constraints, bonus, banned, non_final)
+        bonus = tag_bonus if bonus is None else bonus if tag_bonus is None else bonus + tag_bonus
+        return _beam_split(decoder, features, config, specials, constraints, bonus, banned, non_final, partner=partner)
     levels = torch.tensor(config.specificity_levels, device=features.device, dtype=rarity.dtype)
     n = len(levels)
+    bonus = levels.repeat_interleave(features.shape[0])[:, None] * rarity[None]
+    if tag_bonus is not None:
+        bonus = bonus + tag_bonus.repeat(n, 1)
     return _beam_split(decoder, features.repeat(n, 1), config, specials,
-                       None if constraints is None else constraints * n,
-                       levels.repeat_interleave(features.shape[0])[:, None] * rarity[None], banned, non_final,
-                       dedup=True)  # each photo n times: its levels' beams share their first words
+                       None if constraints is None else constraints * n, bonus, banned, non_final,
+                       dedup=True, partner=partner)  # each photo n times: its levels' beams share their first words
 
 
 def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
                 constraints: list[list[int]] | None, bonus: torch.Tensor | None, banned: torch.Tensor | None,
-                non_final: torch.Tensor | None, dedup: bool = False) -> list[list[Hypothesis]]:
+                non_final: torch.Tensor | None, dedup: bool = False,
+                partner: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """``_beam``, the photos without a constraint word decoded apart as a plain beam search (one group of beams).
 
     Why: a constrained search keeps two groups of beams per photo for the whole batch, and every step builds,
@@ -303,14 +325,15 @@ def _beam_split(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeC
     if constraints is not None and not any(constraints):
         constraints = None
     if constraints is None or all(constraints):
-        return _beam(decoder, features, config, specials, constraints, bonus, banned, non_final, dedup)
+        return _beam(decoder, features, config, specials, constraints, bonus, banned, non_final, dedup, partner)
     out: list[list[Hypothesis]] = [[] for _ in constraints]
     for constrained in (True, False):
         rows = [i for i, c in enumerate(constraints) if bool(c) == constrained]
         index = torch.tensor(rows, device=features.device)
         part_bonus = None if bonus is None else bonus if bonus.shape[0] == 1 else bonus[index]
         found = _beam(decoder, features[index], config, specials,
-                      [constraints[i] for i in rows] if constrained else None, part_bonus, banned, non_final, dedup)
+                      [constraints[i] for i in rows] if constrained else None, part_bonus, banned, non_final, dedup,
+                      partner)
         for i, hyps in zip(rows, found):
             out[i] = hyps
     return out
@@ -421,12 +444,14 @@ def _draw(logp: torch.Tensor, config: DecodeConfig, generator: torch.Generator |
 def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig, specials: SpecialIds,
           constraints: list[list[int]] | None = None, bonus: torch.Tensor | None = None,
           banned: torch.Tensor | None = None, non_final: torch.Tensor | None = None,
-          dedup: bool = False) -> list[list[Hypothesis]]:
+          dedup: bool = False, partner: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search ranked by the penalised score ``logprob / len**alpha`` at every step; ``dedup``: rows
     that repeat another are stepped once (``_step_unfinished``), for batches that hold each photo several times.
 
-    With a ``bonus`` ((1, V) for all images or (B, V) per image: specificity x the words' rarity) the ranking sum
-    is ``logprob + the words' bonus`` instead, each word's bonus counted once per caption (``_unused``): it is
+    With a ``bonus`` ((1, V) for all images or (B, V) per image: specificity x the words' rarity, plus the tag
+    bonus) the ranking sum
+    is ``logprob + the words' bonus`` instead, each word's bonus counted once per caption (``_unused``; a word
+    and its ``partner`` once between them): it is
     carried beside the true log-probability (``rank``), which the hypotheses report.
 
     With ``constraints`` it is a constrained beam search (Anderson et al., 2017) for one disjunctive
@@ -459,7 +484,7 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
         v = logp.shape[-1]
         cand = logprob[..., None] + logp.view(b, g, k, v)  # (B, g, k, V)
         # rank + (logp + bonus), summed in place into _unused's fresh tensor (the same sums: a + b == b + a)
-        cand_rank = cand if bonus is None else _unused(bonus, history, (b, g, k, v)).add_(
+        cand_rank = cand if bonus is None else _unused(bonus, history, (b, g, k, v), partner).add_(
             logp.view(b, g, k, v)).add_(rank[..., None])
         cand_len = (length + (~finished).long()).view(b, g, k, 1)  # one length per row, whatever the next token
         rows, new_lp, new_rank, new_len, new_tok = [], [], [], [], []
@@ -497,7 +522,8 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     return out
 
 
-def _unused(bonus: torch.Tensor, history: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+def _unused(bonus: torch.Tensor, history: torch.Tensor, shape: tuple[int, int, int, int],
+            partner: torch.Tensor | None = None) -> torch.Tensor:
     """(1 or B, 1, 1, V) bonus -> (B, g, k, V) = ``shape``: each hypothesis's bonus, 0 for the words it holds.
 
     Why once per word: the bonus rewards a caption for naming something specific; paid again on every use,
@@ -506,6 +532,8 @@ def _unused(bonus: torch.Tensor, history: torch.Tensor, shape: tuple[int, int, i
     out = bonus.new_empty(shape).copy_(bonus.expand(shape))  # a fresh tensor the caller may add into
     if history.shape[1]:
         out.view(-1, shape[-1]).scatter_(1, history, 0.0)
+        if partner is not None:  # "dogs" after "dog" earns nothing either
+            out.view(-1, shape[-1]).scatter_(1, partner[history], 0.0)
     return out
 
 

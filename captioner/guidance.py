@@ -49,7 +49,8 @@ class Tagger:
     def __init__(self, encoder: Encoder, words: list[str], counts: dict[str, int], categories: list[str],
                  guide_kinds: tuple[str, ...] = GUIDE_KINDS) -> None:
         if encoder.head is None:
-            raise EncoderError("guided decoding needs the encoder's ImageNet classifier head, and this model has none")
+            raise EncoderError("tags, guided decoding and the tag bonus need the encoder's ImageNet classifier head, "
+                               "and this model has none")
         table = json.loads(WORDS_FILE.read_text())
         if len(categories) != len(table["classes"]):
             raise EncoderError(f"guided decoding needs an ImageNet-1k head ({len(table['classes'])} classes), "
@@ -68,6 +69,19 @@ class Tagger:
         # class -> vocabulary id of its name, or -1 (no known word)
         self.class_word = torch.tensor([max(ids, key=lambda i: counts.get(words[i], 0)) if ids else -1 for ids in known])
         self.guides = torch.tensor([kind in guide_kinds for kind in table["kinds"]])  # class may constrain
+        # vocabulary id -> the id whose probability its tag bonus takes (itself, or its singular for a plural the
+        # vocabulary has: "dogs" as "dog"), -1 for words no guiding class is named by
+        self.bonus_source = torch.full((len(words),), -1)
+        # vocabulary id -> the id of the word's other number form ("dog" <-> "dogs"), or itself: the tag bonus
+        # counts once per word, and a noun and its plural are one word there ("two dogs are playing with a dog"
+        # earned it twice)
+        self.number_partner = torch.arange(len(words))
+        for word in {words[i] for i in self.class_word[self.guides & (self.class_word >= 0)].tolist()}:
+            for form in (word, word + "s", word + "es"):
+                if form in index:
+                    self.bonus_source[index[form]] = index[word]
+                    if form != word:
+                        self.number_partner[index[form]], self.number_partner[index[word]] = index[word], index[form]
 
     @torch.no_grad()
     def word_probs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +92,14 @@ class Tagger:
         words = probs.new_zeros(probs.shape[0], len(self.words))
         words.index_add_(1, mapped[known], probs[:, known])  # each class adds its probability to its word
         return words, probs
+
+    @torch.no_grad()
+    def word_bonus(self, features: torch.Tensor, weight: float) -> torch.Tensor:
+        """(B, D) features -> (B, V): ``weight`` x the probability of each word a guiding class (an animal, a
+        vehicle) is named by, and of its plurals; 0 for every other word (``DecodeConfig.tag_bonus``)."""
+        words, _ = self.word_probs(features)
+        source = self.bonus_source.to(words.device)
+        return weight * words[:, source.clamp(min=0)] * (source >= 0)
 
     def tags(self, features: torch.Tensor, threshold: float = 0.0, top: int = 5) -> list[list[Tag]]:
         """Per image, up to ``top`` recognised caption words with probability >= ``threshold``, best first."""

@@ -35,7 +35,7 @@ DECODING = "decoding.json"
 FORMAT = "captioner-decoding/1"
 # DecodeConfig fields a checkpoint may recommend: how to search, not what to return (num_return, seed stay the caller's)
 RECOMMENDABLE = ("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "guide", "guide_threshold", "consensus",
-                 "consensus_weight", "match_weight", "specificity", "specificity_levels", "specificity_cost")
+                 "consensus_weight", "match_weight", "specificity", "specificity_levels", "specificity_cost", "tag_bonus")
 
 
 @dataclass
@@ -66,6 +66,9 @@ class TuneConfig:
     # about half the captions the matching model picked were no longer grammatical (MODEL_CARD "Specificity by fit").
     specificity_levels: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6)
     specificity_costs: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3)
+    # With the encoder's ImageNet head: every beam setting decoded with each tag bonus (``DecodeConfig.tag_bonus``);
+    # (0.0,) leaves it off. Each value is a decoding pass of its own, like a no-repeat size.
+    tag_bonuses: tuple[float, ...] = (0.0,)
     # CIDEr-D (0-10 scale) below the best that still counts as a tie, broken by distinct words. 0.005 (0.5 points
     # x100): the paired standard error of the CIDEr-D difference between two close settings of the bundled model on
     # Flickr8k's 1,000 val photos was 0.43-0.72 points (MODEL_CARD "Specificity").
@@ -98,6 +101,10 @@ class TuneConfig:
             DecodeConfig(strategy="beam", specificity=specificity)
         for cost in self.specificity_costs if self.specificity_levels else ():
             DecodeConfig(strategy="beam", specificity_levels=self.specificity_levels, specificity_cost=cost)
+        if not self.tag_bonuses:
+            raise ConfigError("the grid needs at least one tag bonus (0 for none)")
+        for bonus in self.tag_bonuses:
+            DecodeConfig(strategy="beam", tag_bonus=bonus)
 
 
 def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) -> dict:
@@ -116,6 +123,7 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
     feats = cache.gather([r.id for r in records])
     reranked = [(k, w) for k in config.consensus for w in config.consensus_weights] if captioner.consensus else []
     matched = config.match_weights if captioner.matcher else ()
+    bonuses = config.tag_bonuses if captioner.can_tag else (0.0,)
     rows = []
 
     def row(setting: dict, nbest: list[list[dict]]) -> dict:
@@ -128,9 +136,10 @@ def tune_decoding(captioner: "Captioner", data_dir: Path, config: TuneConfig) ->
 
     levels = config.specificity_levels if matched else ()
     decoded = [*config.specificities, *(s for s in levels if s not in config.specificities)]
-    for beam, alpha, norepeat in itertools.product(config.beam_sizes, config.length_penalties, config.no_repeat_ngrams):
+    for beam, alpha, norepeat, bonus in itertools.product(config.beam_sizes, config.length_penalties,
+                                                          config.no_repeat_ngrams, bonuses):
         base = {"strategy": "beam", "beam_size": beam, "length_penalty": alpha, "guide": config.guide,
-                **({"no_repeat_ngram": norepeat} if norepeat else {})}
+                **({"no_repeat_ngram": norepeat} if norepeat else {}), **({"tag_bonus": bonus} if bonus else {})}
         by_level = {}  # (match weight, specificity) -> the reranked n-best
         for specificity in decoded:
             setting = {**base, "specificity": specificity} if specificity else base

@@ -128,19 +128,29 @@ def test_api_and_cli_take_specificity_and_a_vocabulary_without_counts_is_named(m
         plain.caption(str(photos[0]), specificity=1.0, **options)
 
 
-def test_tune_decoding_measures_each_specificity_as_evaluate_does(model, data_dir, capsys):
+def assert_tuned_rows_are_what_evaluate_measures(model: Path, data_dir: Path, capsys, option: str,
+                                                 values: tuple[float, float]) -> None:
+    """``tune-decoding`` over a grid dimension (``--{option}s 0,X``: a row per value) measures its second row as
+    ``evaluate --{option} X`` does, and records the option in the row and in evaluate's decoding."""
+    flag = option.replace("_", "-")
+    grid = {"specificity": "--specificities", "tag_bonus": "--tag-bonuses"}[option]
     assert main(["tune-decoding", str(data_dir), "--checkpoint", str(model), "--device", "cpu", "--beam-sizes", "3",
-                 "--length-penalties", "0", "--specificities", "0,1.5"]) == 0
+                 "--length-penalties", "0", *(["--specificities", "0"] if option != "specificity" else []),
+                 grid, ",".join(map(str, values))]) == 0
     rows = json.loads((model / DECODING).read_text())["grid"]["rows"]
-    assert [r.get("specificity", 0.0) for r in rows] == [0.0, 1.5]
+    assert [r.get(option, 0.0) for r in rows] == list(values)
     capsys.readouterr()
-    out = model.parent / "spec.json"
+    out = model.parent / f"{option}.json"
     assert main(["evaluate", str(data_dir), "--split", "val", "--checkpoint", str(model), "--from-cache",
                  "--device", "cpu", "--strategy", "beam", "--beam-size", "3", "--length-penalty", "0",
-                 "--specificity", "1.5", "--no-guide", "-o", str(out)]) == 0
+                 f"--{flag}", str(values[1]), "--no-guide", "-o", str(out)]) == 0
     measured = json.loads(out.read_text())
     assert (round(measured["Bleu_4"], 5), round(measured["CIDEr"], 5)) == (rows[1]["bleu4"], rows[1]["cider_d"])
-    assert measured["decoding"]["specificity"] == 1.5
+    assert measured["decoding"][option] == values[1]
+
+
+def test_tune_decoding_measures_each_specificity_as_evaluate_does(model, data_dir, capsys):
+    assert_tuned_rows_are_what_evaluate_measures(model, data_dir, capsys, "specificity", (0.0, 1.5))
 
 
 def test_a_recommended_specificity_without_word_counts_is_a_load_error_naming_the_files(model):

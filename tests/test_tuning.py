@@ -64,7 +64,7 @@ def test_no_repeat_ngram_sizes_are_a_grid_dimension_measured_as_evaluate_does(mo
                  "cpu", "--strategy", "beam", "--beam-size", "3", "--no-repeat-ngram", "1", "--no-guide",
                  "-o", str(measured)]) == 0
     metrics = json.loads(measured.read_text())
-    assert f"{metrics['Bleu_4'] * 100:6.2f}".strip() == table[1][6]  # the row's BLEU-4 is evaluate's
+    assert f"{metrics['Bleu_4'] * 100:6.2f}".strip() == table[1][7]  # the row's BLEU-4 is evaluate's
     assert metrics["decoding"]["no_repeat_ngram"] == 1
     assert not (model / DECODING).exists()  # a dry run writes nothing
     with pytest.raises(ConfigError):
@@ -146,7 +146,7 @@ def test_the_bundled_models_decoding_was_chosen_on_val_by_its_rule():
     best = max(r["cider_d"] for r in eligible)
     tie = result["grid"].get("cider_tie", 0.0)
     chosen = max((r for r in eligible if r["cider_d"] >= best - tie), key=lambda r: (r["distinct_words"], r["cider_d"]))
-    for option in ("beam_size", "length_penalty", "no_repeat_ngram", "match_weight", "specificity"):
+    for option in ("beam_size", "length_penalty", "no_repeat_ngram", "match_weight", "specificity", "tag_bonus"):
         assert result["defaults"].get(option) == chosen.get(option)
     assert Captioner.from_pretrained(device="cpu").decode_config().to_json() == {
         **Captioner.from_pretrained(device="cpu").decode_config(strategy="greedy").to_json(), **result["defaults"]}
