@@ -2,7 +2,8 @@
 
 The app's default is beam 3 with guidance (the constrained beam search runs two beams of 3 per image,
 plus the ImageNet head); greedy and plain beam 3 are measured in the same run, interleaved photo by
-photo so all three see the same machine load.
+photo so all see the same machine load, and the app's default without the model's tag bonus (what the bonus
+costs).
 
     python benchmarks/demo_latency.py [--checkpoint fast] [--photos 60] [--cpu-runtime torch]
 """
@@ -26,7 +27,8 @@ FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 SETTINGS = {"greedy": dict(strategy="greedy"),
             "beam3": plain_options(strategy="beam", beam_size=3),
             "beam3+guide": plain_options(strategy="beam", beam_size=3, guide=True),
-            "app default (the model's decoding.json, guided)": dict(strategy="beam", guide=True)}
+            "app default (the model's decoding.json, guided)": dict(strategy="beam", guide=True),
+            "app default without a tag bonus": dict(strategy="beam", guide=True, tag_bonus=0.0)}
 
 
 def main() -> int:

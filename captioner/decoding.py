@@ -449,10 +449,9 @@ def _beam(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig,
     that repeat another are stepped once (``_step_unfinished``), for batches that hold each photo several times.
 
     With a ``bonus`` ((1, V) for all images or (B, V) per image: specificity x the words' rarity, plus the tag
-    bonus) the ranking sum
-    is ``logprob + the words' bonus`` instead, each word's bonus counted once per caption (``_unused``; a word
-    and its ``partner`` once between them): it is
-    carried beside the true log-probability (``rank``), which the hypotheses report.
+    bonus) the ranking sum is ``logprob + the words' bonus`` instead, each word's bonus counted once per caption
+    (``_unused``; a word and its ``partner`` once between them): it is carried beside the true log-probability
+    (``rank``), which the hypotheses report.
 
     With ``constraints`` it is a constrained beam search (Anderson et al., 2017) for one disjunctive
     constraint: each image keeps two beams of ``k`` hypotheses, group 0 (no constraint word yet) and

@@ -9,7 +9,7 @@ import skimage.data
 import torch
 
 from captioner.api import Captioner
-from captioner.decoding import DecodeConfig, decode
+from captioner.decoding import DecodeConfig, decode, plain_options
 from captioner.errors import ConfigError
 from captioner.guidance import IMAGENET_CATEGORIES, Tagger
 from captioner.tuning import TuneConfig
@@ -122,12 +122,13 @@ def test_the_bundled_model_names_what_its_head_sees_with_the_bonus_alone():
     motorcycle and cat as a bonus make the beam name them without guidance's constraint, the cat (a word the decoder
     finds far less likely there) only with a larger bonus."""
     cap = Captioner.from_pretrained(device="cpu")
-    options = dict(strategy="beam", beam_size=3, guide=False, specificity_levels=None, match_weight=0.0)
+    plain = plain_options(strategy="beam", beam_size=3)  # unguided, no tag bonus: not the model's decoding.json
+    bonus = lambda b: plain_options(strategy="beam", beam_size=3, tag_bonus=b)  # noqa: E731
     motorcycle, cat = skimage.data.stereo_motorcycle()[0], skimage.data.chelsea()
-    assert "motorcycle" not in cap.caption(motorcycle, **options).split()
-    assert "motorcycle" in cap.caption(motorcycle, **options, tag_bonus=3.0).split()
-    assert "cat" not in cap.caption(cat, **options, tag_bonus=3.0).split()
-    assert "cat" in cap.caption(cat, **options, tag_bonus=6.0).split()
+    assert "motorcycle" not in cap.caption(motorcycle, **plain).split()
+    assert "motorcycle" in cap.caption(motorcycle, **bonus(3.0)).split()
+    assert "cat" not in cap.caption(cat, **bonus(3.0)).split()
+    assert "cat" in cap.caption(cat, **bonus(6.0)).split()
 
 
 def test_tune_decoding_measures_each_tag_bonus_as_evaluate_does(model, data_dir, capsys):
