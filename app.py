@@ -116,9 +116,8 @@ def fit_levels(captioner: Captioner | None) -> tuple[float, ...]:
 
 
 def guide_options(captioner: Captioner, strategy: str, guide: bool) -> dict:
-    """The "Name what the CNN recognises" checkbox as decoding options: guidance (a constrained beam search) and
-    the model's recommended tag bonus when ticked, with the beam, on a model with an ImageNet head; neither
-    otherwise (a bonus is left to the recommendation only when it is on)."""
+    """The "Name what the CNN recognises" checkbox as decoding options: when ticked (beam search, a model with an
+    ImageNet head) guidance and the tag bonus the model recommends; otherwise neither."""
     on = bool(guide) and strategy == "beam" and captioner.can_tag
     return {"guide": on} if on else {"guide": False, "tag_bonus": 0.0}
 

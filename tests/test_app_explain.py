@@ -39,7 +39,8 @@ def good_image() -> Path:
 
 def test_explain_api_gives_the_caption_and_a_word_per_map(app_server, good_image) -> None:
     caption, words, shown = client(app_server.url).predict(handle_file(str(good_image)), False, api_name="/explain")
-    expected = app_server.captioner.explain(str(good_image), **load_app().EXPLAIN_OPTIONS, guide=False)
+    # the checkbox unticked: neither guidance nor the model's tag bonus
+    expected = app_server.captioner.explain(str(good_image), **load_app().EXPLAIN_OPTIONS, guide=False, tag_bonus=0.0)
     assert caption == expected.caption
     assert [c[0] for c in words["choices"]] == expected.words and words["value"] == 0
     assert Path(shown["path"]).is_file()

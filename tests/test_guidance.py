@@ -12,7 +12,7 @@ from torch import nn
 
 from captioner import decoding
 from captioner.api import Captioner
-from captioner.decoding import DecodeConfig, decode
+from captioner.decoding import DecodeConfig, decode, plain_options
 from captioner.encoder import Encoder
 from captioner.errors import ConfigError
 from captioner.guidance import IMAGENET_CATEGORIES, WORDS_FILE, Tagger
@@ -158,8 +158,8 @@ def test_bundled_model_names_the_cat_it_recognises():
     cat = skimage.data.chelsea()
     tags = cap.tags(cat)
     assert tags[0]["word"] == "cat" and tags[0]["prob"] > DecodeConfig().guide_threshold
-    assert "cat" not in cap.caption(cat, strategy="beam", beam_size=3, guide=False).split()
-    assert "cat" in cap.caption(cat, strategy="beam", beam_size=3, guide=True).split()
+    assert "cat" not in cap.caption(cat, **plain_options(strategy="beam", beam_size=3)).split()
+    assert "cat" in cap.caption(cat, **plain_options(strategy="beam", beam_size=3, guide=True)).split()
     assert "cat" in cap.caption(cat).split()
 
 
