@@ -300,8 +300,9 @@ def decode(decoder: CaptionDecoder, features: torch.Tensor, config: DecodeConfig
         raise ConfigError("the tag bonus needs the words' bonus per image (Tagger.word_bonus)")
     tag_bonus, partner = (tag_bonus, partner) if config.tag_bonus else (None, None)
     if not config.specificity_levels:
-        bonus = None if not config.specificity else config.specificity * rarity[None]
-        bonus = tag_bonus if bonus is None else bonus if tag_bonus is None else bonus + tag_bonus
+        bonus = config.specificity * rarity[None] if config.specificity else None
+        if tag_bonus is not None:
+            bonus = tag_bonus if bonus is None else bonus + tag_bonus
         return _beam_split(decoder, features, config, specials, constraints, bonus, banned, non_final, partner=partner)
     levels = torch.tensor(config.specificity_levels, device=features.device, dtype=rarity.dtype)
     n = len(levels)
